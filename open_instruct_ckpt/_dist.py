@@ -1,0 +1,61 @@
+"""Rank helpers: who writes, and how a writer's verdict or failure reaches every rank.
+
+Every function here that takes part in a collective says so; in a distributed run all ranks
+must call it at the same point, or the job hangs until the process-group timeout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class CheckpointError(RuntimeError):
+    """A save could not be done; raised on every rank with the same message."""
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _flag_device() -> torch.device:
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective: True on every rank when `flag` is True on at least one rank."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_flag_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def raise_on_all_ranks(error: BaseException | None) -> None:
+    """Collective: if any rank passes an error, every rank raises.
+
+    The rank that failed re-raises its own exception; the others raise a `CheckpointError`
+    carrying that rank's message, so the job stops with the real cause instead of hanging in
+    the next collective.
+    """
+    if not any_rank(error is not None):
+        return
+    if is_distributed():
+        messages: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    raise CheckpointError(_first_failure(messages))
+
+
+def _first_failure(messages: list[str | None]) -> str:
+    for source_rank, message in enumerate(messages):
+        if message is not None:
+            return f"checkpoint save failed on rank {source_rank}: {message}"
+    return "checkpoint save failed on another rank"

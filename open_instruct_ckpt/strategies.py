@@ -1,0 +1,230 @@
+"""What to save: one class per kind of checkpoint.
+
+Rank contract shared by every strategy: `save` is called on every rank (ZeRO-3 gathering is
+collective); `directory` is the writer's staging directory and None on every other rank,
+which then only takes part in the gathers and keeps no state dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+
+from ._shards import ShardWriter, plan_shards, revert_module_names
+from ._zero3 import for_each_module_state, own_state, stored_nbytes
+
+
+@runtime_checkable
+class SaveStrategy(Protocol):
+    def check(self, model: nn.Module) -> None:
+        """Raise a clear error if this strategy cannot save `model`. Local, no collectives."""
+
+    def saved_module(self, model: nn.Module) -> nn.Module:
+        """The module whose config, vocabulary and generation config the checkpoint carries."""
+
+    def estimate_bytes(self, model: nn.Module) -> int:
+        """Bytes of weights a save writes, from stored shapes (no gather). Local."""
+
+    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> int:
+        """Collective. Write the checkpoint into `directory` on the writer; returns the peak CPU bytes held."""
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+@dataclass(frozen=True)
+class FullModel:
+    """The whole model in safetensors, loadable with `from_pretrained` of its class."""
+
+    max_shard_size: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_shard_size is not None and not isinstance(self.max_shard_size, (int, str)):
+            raise TypeError(f"FullModel(max_shard_size={self.max_shard_size!r}): use an int of bytes or a size like '5GB'")
+        if isinstance(self.max_shard_size, int) and self.max_shard_size <= 0:
+            raise ValueError(f"FullModel(max_shard_size={self.max_shard_size}): must be positive, e.g. '5GB'")
+
+    def check(self, model: nn.Module) -> None:
+        if _is_peft(model):
+            raise TypeError(
+                "FullModel got a PEFT model; use LoRAAdapter() to save the adapter, or save "
+                "model.merge_and_unload() if you want merged full weights"
+            )
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                f"FullModel needs a transformers PreTrainedModel, got {type(model).__name__}; for one "
+                "submodule of a composite model use ModelAttribute('<attribute name>')"
+            )
+
+    def saved_module(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def estimate_bytes(self, model: nn.Module) -> int:
+        return plan_shards(model, self.max_shard_size).total_bytes
+
+    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> int:
+        self.check(model)
+        return write_module(model, directory, generation_config, self.max_shard_size)
+
+
+@dataclass(frozen=True)
+class ModelAttribute:
+    """One submodule of a composite model (e.g. `"policy"` of a PPO policy+value wrapper), saved on its own.
+
+    Keys are those under `<name>.`, with that prefix stripped; a `PreTrainedModel` submodule loads
+    with its class's `from_pretrained`, any other module from the plain `model.safetensors`.
+    """
+
+    name: str
+    max_shard_size: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"ModelAttribute({self.name!r}): give the attribute name, e.g. ModelAttribute('policy')")
+        if "/" in self.name or "\\" in self.name or ".." in self.name or not all(self.name.split(".")):
+            raise ValueError(
+                f"ModelAttribute({self.name!r}): an attribute path is dot-separated Python names "
+                "(e.g. 'policy' or 'actor.model'), without path separators, '..' or empty parts"
+            )
+
+    def check(self, model: nn.Module) -> None:
+        self.saved_module(model)
+
+    def saved_module(self, model: nn.Module) -> nn.Module:
+        try:
+            module = operator.attrgetter(self.name)(model)
+        except AttributeError:
+            children = ", ".join(n for n, _ in model.named_children()) or "none"
+            raise ValueError(
+                f"ModelAttribute({self.name!r}): {type(model).__name__} has no attribute {self.name!r} "
+                f"(its submodules: {children}); pass the name of the submodule to save"
+            ) from None
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"ModelAttribute({self.name!r}) is a {type(module).__name__}, not a torch.nn.Module")
+        return module
+
+    def estimate_bytes(self, model: nn.Module) -> int:
+        return plan_shards(self.saved_module(model), self.max_shard_size).total_bytes
+
+    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> int:
+        return write_module(self.saved_module(model), directory, generation_config, self.max_shard_size)
+
+
+def write_module(
+    module: nn.Module, directory: Path | None, generation_config: GenerationConfig | None, max_shard_size
+) -> int:
+    """Collective: stream `module`'s weights into shards (as `save_pretrained` lays them out), plus its configs."""
+    plan = plan_shards(module, max_shard_size)
+    writer = ShardWriter(directory, plan) if directory is not None else None
+    consume = (lambda state: writer.add(revert_module_names(module, state))) if writer else None
+    for_each_module_state(plan.groups, consume)
+    if writer is None:
+        return 0
+    writer.finish()
+    if isinstance(module, PreTrainedModel):
+        _write_model_configs(module, directory, generation_config)
+    return writer.peak_held_bytes
+
+
+def _write_model_configs(model: PreTrainedModel, directory: Path, generation_config: GenerationConfig | None) -> None:
+    config = copy.deepcopy(model.config)
+    config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    if generation_config is not None and model.can_generate():
+        generation_config.save_pretrained(directory)
+
+
+@dataclass(frozen=True)
+class LoRAAdapter:
+    """A PEFT model's adapter only, in PEFT's format, loadable with `PeftModel.from_pretrained(base, dir)`.
+
+    Every trainable parameter is saved (so `modules_to_save` works). `save_embedding_layers=None`
+    saves the full embedding layers when they are targeted, or resized relative to a local base
+    model directory; pass True for a vocabulary resized without a local base to compare with.
+    """
+
+    save_embedding_layers: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.save_embedding_layers not in (None, True, False):
+            raise TypeError(f"LoRAAdapter(save_embedding_layers={self.save_embedding_layers!r}): use None, True or False")
+
+    def check(self, model: nn.Module) -> None:
+        if not _is_peft(model):
+            raise TypeError(
+                f"LoRAAdapter needs a peft.PeftModel, got {type(model).__name__}; wrap the model with "
+                "peft.get_peft_model(model, LoraConfig(...)) or use FullModel() to save all weights"
+            )
+
+    def saved_module(self, model: nn.Module) -> nn.Module:
+        return model.get_base_model()
+
+    def estimate_bytes(self, model: nn.Module) -> int:
+        return sum(stored_nbytes(t) for _, own in self._groups(model) for t in own.values())
+
+    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> int:
+        self.check(model)
+        state: dict[str, torch.Tensor] = {}
+        for_each_module_state(self._groups(model), state.update if directory is not None else None)
+        if directory is None:
+            return 0
+        held = sum(t.numel() * t.element_size() for t in state.values())
+        model.save_pretrained(
+            str(directory), state_dict=state, save_embedding_layers=self._embeddings_saved(model), is_main_process=True
+        )
+        if generation_config is not None:
+            generation_config.save_pretrained(directory)
+        return held
+
+    def _groups(self, model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+        wanted = {id(p) for p in model.parameters() if p.requires_grad}
+        if self._embeddings_saved(model):
+            wanted |= {id(p) for layer in _embedding_layers(model) for p in layer.parameters()}
+        groups = []
+        for prefix, module in model.named_modules():
+            own = {n: t for n, t in own_state(module, f"{prefix}." if prefix else "").items() if id(t) in wanted}
+            if own:
+                groups.append((module, own))
+        return groups
+
+    def _embeddings_saved(self, model: nn.Module) -> bool:
+        if self.save_embedding_layers is not None:
+            return self.save_embedding_layers
+        return _embeddings_targeted(model) or _embeddings_resized(model)
+
+
+def _embedding_layers(model: nn.Module) -> list[nn.Module]:
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return [layer for layer in layers if layer is not None]
+
+
+def _embeddings_targeted(model: nn.Module) -> bool:
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    config = model.peft_config[model.active_adapter]
+    targets = config.target_modules or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def _embeddings_resized(model: nn.Module) -> bool:
+    config = model.peft_config[model.active_adapter]
+    base_config = Path(config.base_model_name_or_path or "") / "config.json"
+    if not config.base_model_name_or_path or not base_config.is_file():
+        return False
+    base_vocab = json.loads(base_config.read_text()).get("vocab_size")
+    return base_vocab is not None and base_vocab != model.get_input_embeddings().num_embeddings
