@@ -83,7 +83,10 @@ def _resolve(spec: GenerationConfigSpec, model: nn.Module, tokenizer: Any) -> Ge
     if spec == "olmo" or (spec is None and _looks_like_olmo_chat(model, tokenizer)):
         return olmo_generation_config(tokenizer, base=default)
     if isinstance(spec, dict):
-        default.update(**spec)
+        try:
+            default.update(**spec)
+        except ValueError as exc:
+            raise ValueError(f"invalid generation config for the checkpoint: {exc}") from exc
     return default
 
 

@@ -63,6 +63,20 @@ def olmo_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0) -> O
     return OlmoForCausalLM(config)
 
 
+class PolicyAndValue(torch.nn.Module):
+    """A PPO-style composite: a causal-LM `policy` and a scalar `value_head` trained together."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> dict[str, torch.Tensor]:
+        out = self.policy(input_ids=input_ids, labels=labels, output_hidden_states=True)
+        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        return {"loss": out.loss + values.pow(2).mean(), "logits": out.logits}
+
+
 class TinyTextDataset(torch.utils.data.Dataset):
     """Fixed random token sequences for causal-LM training (labels = inputs)."""
 

@@ -1,0 +1,309 @@
+"""Launched by tests/distributed under torchrun (2 processes, gloo on CPU); never collected by pytest.
+
+Trains a tiny model with a real Trainer (DeepSpeed ZeRO-2/3 or plain DDP), saves with
+CheckpointCallback, and writes what the tests check:
+  <out>/ckpt/                   the checkpoints (args.output_dir)
+  <out>/reference/step_<N>.pt   rank 0: live tensors and logits at each save step
+  <out>/reports/rank<R>.json    every rank: partitioning, gathers, audit of writes, errors
+Non-writer ranks run with RLIMIT_FSIZE=0 and an audit hook on the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import TrainerCallback
+
+from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _zero3
+from open_instruct_ckpt._shards import plan_shards
+from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
+
+PROBE_IDS = [[5, 6, 7, 8, 9, 10, 11, 12]]
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_PATH_EVENTS = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "shutil.rmtree": 1, "os.truncate": 1,
+                "os.rename": 2, "os.link": 2, "os.symlink": 2}
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--strategy", choices=["full", "lora", "attribute"], default="full")
+    parser.add_argument("--engine", choices=["zero3", "zero2", "ddp"], default="zero3")
+    parser.add_argument("--max-shard-size", type=int, default=None)
+    parser.add_argument("--tie", action="store_true")
+    parser.add_argument("--gather-16bit", action="store_true", help="stage3_gather_16bit_weights_on_model_save")
+    parser.add_argument("--trainer-checkpoints", action="store_true")
+    parser.add_argument("--fail-free-space-at-step", type=int, default=None, help="rank 0 sees a full disk from then on")
+    parser.add_argument("--max-steps", type=int, default=4)
+    return parser.parse_args()
+
+
+# -- proving that non-writers write nothing -------------------------------------------------------
+
+def _under(path, root: str) -> bool:
+    if isinstance(path, int) or path is None:
+        return False
+    full = os.path.abspath(os.fsdecode(path))
+    return full == root or full.startswith(root + os.sep)
+
+
+def install_audit(root: Path, events: list) -> None:
+    """Record open-for-write, mkdir, rename, link and remove events under `root` (hooks cannot be removed)."""
+    root_text = os.path.abspath(root)
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":
+            path, mode, flags = args
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _WRITE_FLAGS)
+            if writing and _under(path, root_text):
+                events.append([event, os.fsdecode(path)])
+        elif event in _PATH_EVENTS:
+            paths = [p for p in args[: _PATH_EVENTS[event]] if _under(p, root_text)]
+            if paths:
+                events.append([event, *map(os.fsdecode, paths)])
+
+    sys.addaudithook(hook)
+
+
+def forbid_file_writes(probe: Path) -> str:
+    """Set RLIMIT_FSIZE to 0 for this process; return how a 1-byte probe write failed (expected: EFBIG)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"x")
+            handle.flush()
+    except OSError as exc:
+        return os.strerror(exc.errno)
+    return "write succeeded"
+
+
+def allow_file_writes() -> None:
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+
+
+# -- models and configs ---------------------------------------------------------------------------
+
+class PolicyWithValue(nn.Module):
+    """A PPO-style composite: a causal LM policy plus a scalar value head."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+
+    def forward(self, input_ids, labels=None, **_):
+        out = self.policy(input_ids=input_ids, labels=labels, output_hidden_states=True)
+        value = self.value_head(out.hidden_states[-1])
+        return {"loss": out.loss + 0.1 * value.pow(2).mean(), "logits": out.logits}
+
+
+def build(strategy: str, tokenizer, tie: bool):
+    base = llama_model(tokenizer, tie=tie)
+    if strategy == "full":
+        return base, FullModel
+    if strategy == "attribute":
+        torch.manual_seed(1)
+        return PolicyWithValue(base), lambda **kw: ModelAttribute("policy", **kw)
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return get_peft_model(base, config), lambda **kw: LoRAAdapter()
+
+
+def deepspeed_config(engine: str, gather_16bit: bool) -> dict:
+    zero: dict = {"stage": 3 if engine == "zero3" else 2}
+    if engine == "zero3":
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=gather_16bit)
+    return {
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {"torch_adam": True, "lr": "auto", "weight_decay": "auto"}},
+    }
+
+
+def training_args(opts: argparse.Namespace):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(opts.out / "ckpt"), max_steps=opts.max_steps, save_strategy="steps", save_steps=2,
+        per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], logging_steps=100, disable_tqdm=True,
+        save_only_model=not opts.trainer_checkpoints, seed=0, ddp_timeout=120, use_cpu=opts.engine == "ddp",
+        deepspeed=deepspeed_config(opts.engine, opts.gather_16bit) if opts.engine != "ddp" else None,
+        accelerator_config={"use_configured_state": True},
+    )
+
+
+# -- in-run recording -----------------------------------------------------------------------------
+
+def _gathered_live(params: list[nn.Parameter]):
+    partitioned = [p for p in params if _zero3.is_partitioned(p)]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+class Recorder(TrainerCallback):
+    """Partitioning proof, reference tensors and logits at save steps, the non-writer guard."""
+
+    def __init__(self, opts: argparse.Namespace, report: dict) -> None:
+        self.opts, self.report = opts, report
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.report["partitioned_params"] = sum(_zero3.is_partitioned(p) for p in model.parameters())
+        self.report["params"] = sum(1 for _ in model.parameters())
+        if not args.should_save:
+            self.report["rlimit_probe"] = forbid_file_writes(self.opts.out / "reports" / f"probe{dist.get_rank()}")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step == 1:
+            self.report["local_numel_zero"] = sum(p.numel() == 0 for p in model.parameters())
+        if step == self.opts.fail_free_space_at_step and args.should_save:
+            shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
+        if step % args.save_steps == 0 or step == state.max_steps:
+            self.report.setdefault("save_started", {})[step] = time.time()
+            self._reference(model, step, args.should_save)
+
+    def _reference(self, model: nn.Module, step: int, is_writer: bool) -> None:
+        target = model.policy if self.opts.strategy == "attribute" else model
+        wanted = [p for p in target.parameters() if p.requires_grad or self.opts.strategy != "lora"]
+        with _gathered_live(wanted):
+            names = {id(p): n for n, p in target.named_parameters()}
+            state = {names[id(p)]: p.detach().clone() for p in wanted} if is_writer else None
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():  # every rank runs the forward: ZeRO-3 gathers inside it
+            logits = target(input_ids=torch.tensor(PROBE_IDS)).logits
+        model.train(was_training)
+        if is_writer:
+            (self.opts.out / "reference").mkdir(exist_ok=True)
+            torch.save({"state": state, "logits": logits}, self.opts.out / "reference" / f"step_{step}.pt")
+
+
+def spy_on_gathers(model: nn.Module, gathered: list) -> None:
+    """Record the name and full size of every parameter our library gathers (then gather for real)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    real = _zero3._gathered
+
+    def recording(params):
+        for p in params:
+            if _zero3.is_partitioned(p):
+                gathered.append([names.get(id(p), "?"), _zero3.stored_nbytes(p)])
+        return real(params)
+
+    _zero3._gathered = recording
+
+
+class Recording:
+    """A SaveStrategy that delegates to `inner` and keeps the peak bytes each save returns."""
+
+    def __init__(self, inner, peaks: list) -> None:
+        self.inner, self.peaks = inner, peaks
+
+    def check(self, model):
+        return self.inner.check(model)
+
+    def saved_module(self, model):
+        return self.inner.saved_module(model)
+
+    def estimate_bytes(self, model):
+        return self.inner.estimate_bytes(model)
+
+    def save(self, model, directory, generation_config):
+        peak = self.inner.save(model, directory, generation_config)
+        self.peaks.append(peak)
+        return peak
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+
+def capture_warnings(report: dict) -> None:
+    import logging
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            report.setdefault("warnings", []).append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    for name in ("open_instruct_ckpt", "open_instruct_ckpt.callback"):
+        logging.getLogger(name).addHandler(handler)
+
+
+def vm_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+def main() -> None:
+    opts = parse()
+    rank = int(os.environ["RANK"])
+    report: dict = {"rank": rank, "audit": []}
+    (opts.out / "reports").mkdir(parents=True, exist_ok=True)
+    if rank != 0:
+        install_audit(opts.out / "ckpt", report["audit"])
+    else:
+        install_audit(opts.out / "ckpt", report.setdefault("writer_audit", []))
+    if opts.engine != "ddp":
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+    from transformers import Trainer
+
+    args = training_args(opts)
+    tokenizer = llama_tokenizer()
+    model, strategy_class = build(opts.strategy, tokenizer, opts.tie)
+    peaks: list = []
+    strategy = strategy_class(max_shard_size=opts.max_shard_size)
+    callback = CheckpointCallback(Recording(strategy, peaks), trainer_checkpoints=opts.trainer_checkpoints or None)
+    capture_warnings(report)
+    gathered: list = []
+    spy_on_gathers(model, gathered)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=TinyTextDataset(len(tokenizer), rows=32), processing_class=tokenizer,
+        callbacks=[Recorder(opts, report), callback],
+    )
+    report.update(
+        should_save=args.should_save, world_size=args.world_size,
+        trainer_gathers_full_model=_zero3.trainer_gathers_full_model(args),
+    )
+    if rank == 0 and opts.strategy != "lora":
+        plan = plan_shards(strategy.saved_module(model), opts.max_shard_size)
+        report["largest_group_bytes"] = max(sum(_zero3.stored_nbytes(t) for t in own.values()) for _, own in plan.groups)
+        report["model_bytes"] = plan.total_bytes
+    started = time.time()
+    try:
+        trainer.train()
+    except Exception as exc:
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        report["error_at"] = time.time()
+    finally:
+        allow_file_writes()
+    report.update(train_seconds=time.time() - started, peaks=peaks, gathered=gathered, vm_hwm_bytes=vm_hwm_bytes())
+    (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
