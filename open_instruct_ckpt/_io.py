@@ -47,24 +47,43 @@ def create_staging(output_dir: Path, name: str) -> Path:
     return staging
 
 
-def publish(staging: Path, output_dir: Path, name: str, manifest: dict[str, Any], files: dict | None = None) -> Path:
+def publish(
+    staging: Path,
+    output_dir: Path,
+    name: str,
+    manifest: dict[str, Any],
+    files: dict | None = None,
+    known_sha256: dict[str, str] | None = None,
+) -> Path:
     """Seal `staging` with its manifest and move it into place as `<output_dir>/<name>`.
 
     `files` are precomputed manifest entries (for hard-linked copies); otherwise every file is
-    hashed. Returns the published path.
+    hashed, except those whose sha256 the writer computed while writing (`known_sha256`).
+    Returns the published path.
     """
-    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-        fsync_path(path)
-    manifest = {**manifest, "files": files if files is not None else describe_files(staging)}
+    for path in sorted(staging.rglob("*"), key=lambda p: (p.is_dir(), str(p))):
+        fsync_path(path)  # every file, then every subdirectory
+    manifest = {**manifest, "files": files if files is not None else describe_files(staging, known_sha256 or {})}
     _write_synced(staging / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     fsync_path(staging)
     target = output_dir / name
     aside = _move_aside(target, "old") if target.exists() else None
-    os.rename(staging, target)
+    _rename_in(staging, target, aside)
     fsync_path(output_dir)
     if aside is not None:
         shutil.rmtree(aside)
     return target
+
+
+def _rename_in(staging: Path, target: Path, aside: Path | None) -> None:
+    """Rename `staging` to `target`; if that fails, first put the old copy back under its name."""
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if aside is not None and not target.exists():
+            os.rename(aside, target)
+            fsync_path(target.parent)
+        raise
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -135,12 +154,16 @@ def restore_orphans_if_idle(output_dir: Path) -> None:
         return
 
 
-def prune(output_dir: Path, keep_last: int | None) -> list[Path]:
-    """Delete the oldest step checkpoints beyond `keep_last`; never `final`, never the newest."""
+def prune(output_dir: Path, keep_last: int | None, just_saved: Path | None = None) -> list[Path]:
+    """Delete the step checkpoints older (by manifest step) than the `keep_last` newest.
+
+    Never deletes `final` nor `just_saved`: the checkpoint this save published may have a lower
+    step than an earlier run's checkpoints when a run restarted without resuming.
+    """
     if keep_last is None:
         return []
     steps = [path for path, _ in complete_checkpoints(output_dir) if path.name != "final"]
-    victims = steps[: max(len(steps) - keep_last, 0)]
+    victims = [path for path in steps[: max(len(steps) - keep_last, 0)] if path != just_saved]
     for victim in victims:
         remove_checkpoint(victim)
     return victims

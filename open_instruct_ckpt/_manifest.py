@@ -36,13 +36,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_files(directory: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file under `directory`, keyed by relative POSIX path."""
+def describe_files(directory: Path, known_sha256: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under `directory`, keyed by relative POSIX path.
+
+    Files in `known_sha256` (hashed while they were written) are not read again.
+    """
+    known = known_sha256 or {}
     entries = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         relative = path.relative_to(directory).as_posix()
         if relative != MANIFEST_NAME:
-            entries[relative] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            digest = known.get(relative) or sha256_file(path)
+            entries[relative] = {"bytes": path.stat().st_size, "sha256": digest}
     return entries
 
 
@@ -105,12 +110,12 @@ def _verify_file(directory: Path, relative: str, entry: dict[str, Any]) -> list[
         return [f"{relative}: path escapes the checkpoint directory"]
     if not path.is_file():
         return [f"{relative}: missing"]
-    size = path.stat().st_size
-    if size != entry.get("bytes"):
-        return [f"{relative}: size {size} bytes, manifest says {entry.get('bytes')}"]
     problems = []
     if relative.endswith(".safetensors"):
         problems += [f"{relative}: {p}" for p in safetensors_header_problems(path)]
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        return [f"{relative}: size {size} bytes, manifest says {entry.get('bytes')}", *problems]
     if sha256_file(path) != entry.get("sha256"):
         problems.append(f"{relative}: sha256 mismatch")
     return problems

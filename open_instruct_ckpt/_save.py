@@ -6,6 +6,7 @@ shared with all ranks, so a bad disk never leaves the other ranks waiting in a g
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
@@ -49,22 +50,45 @@ def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writ
             _raise_if(_preflight_problem(settings, model))
             staging = _io.create_staging(settings.output_dir, name)
         except Exception as exc:
-            error = exc
+            error = _explained(exc, settings.output_dir / name)
     raise_on_all_ranks(error)
     path = None
     try:
-        peak = settings.strategy.save(model, staging, generation_config)
+        report = settings.strategy.save(model, staging, generation_config)
         if is_writer:
             settings.tokenizer.save_pretrained(str(staging))
-            path = _io.publish(staging, settings.output_dir, name, _manifest(settings, name, step))
-            _log_saved(path, time.perf_counter() - started, peak)
-            _io.prune(settings.output_dir, settings.keep_last)
+            manifest = _manifest(settings, name, step)
+            path = _io.publish(staging, settings.output_dir, name, manifest, known_sha256=report.sha256)
+            _log_saved(path, time.perf_counter() - started, report.peak_held_bytes)
+            _io.prune(settings.output_dir, settings.keep_last, just_saved=path)
     except Exception as exc:
-        error = exc
+        error = _explained(exc, settings.output_dir / name)
         if is_writer:
             _io.discard(staging)
     raise_on_all_ranks(error)
     return path
+
+
+_FIXES = {
+    errno.ENOSPC: "free disk space (or lower keep_last) on that filesystem",
+    errno.EDQUOT: "free space within your disk quota (or lower keep_last)",
+    errno.EACCES: "fix the permissions of output_dir or choose another output_dir",
+    errno.EPERM: "fix the permissions of output_dir or choose another output_dir",
+    errno.EROFS: "choose an output_dir on a writable filesystem",
+}
+
+
+def _explained(exc: Exception, target: Path) -> Exception:
+    """An OSError becomes a CheckpointError naming the checkpoint, the failing path and the fix."""
+    if not isinstance(exc, OSError):
+        return exc
+    fix = _FIXES.get(exc.errno, "check the disk and the filesystem under output_dir (see the OS error)")
+    error = CheckpointError(
+        f"writing checkpoint {target} failed: {exc}. The temporary directory was removed and earlier "
+        f"checkpoints are untouched; {fix}, then restart (latest_checkpoint() finds the last complete one)"
+    )
+    error.__cause__ = exc
+    return error
 
 
 def link_final(settings: SaveSettings, source: Path | None, is_writer: bool) -> Path | None:
@@ -97,8 +121,9 @@ def startup_problem(settings: SaveSettings, model: nn.Module) -> str | None:
 
 
 def _preflight_problem(settings: SaveSettings, model: nn.Module) -> str | None:
-    return _io.writable_problem(settings.output_dir) or _io.free_space_problem(
-        settings.output_dir, _needed_bytes(settings, model)
+    # Free space first: that check writes nothing, so a full disk leaves output_dir untouched.
+    return _io.free_space_problem(settings.output_dir, _needed_bytes(settings, model)) or _io.writable_problem(
+        settings.output_dir
     )
 
 

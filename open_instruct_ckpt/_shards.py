@@ -8,17 +8,19 @@ computed from stored shapes so it needs no ZeRO-3 gather.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.core_model_loading import revert_weight_conversion
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import PrefixChange, revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+from . import _safetensors
 from ._zero3 import own_state, stored_numel, stored_shape
 
 WEIGHTS_PATTERN = "model{suffix}.safetensors"
@@ -34,6 +36,7 @@ class ShardPlan:
     filename_to_names: dict[str, list[str]]
     index_metadata: dict
     is_sharded: bool
+    revert_names: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
     @property
     def total_bytes(self) -> int:
@@ -43,29 +46,38 @@ class ShardPlan:
 def plan_shards(model: nn.Module, max_shard_size: int | str | None) -> ShardPlan:
     """Collective-free: plan the files for `model`'s full state dict."""
     tensors = _saved_tensors(model)
-    meta = {name: _meta_like(t) for name, t in tensors.items()}
-    final_meta = _revert_names(model, meta)
+    revert_names = _name_reverter(model)
+    final_meta = revert_names({name: _meta_like(t) for name, t in tensors.items()})
     split = split_torch_state_dict_into_shards(
         final_meta, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE
     )
     total_parameters = sum(stored_numel(p) for p in model.parameters())
     return ShardPlan(
-        groups=_groups_in_file_order(model, tensors, list(final_meta)),
+        groups=_groups_in_file_order(model, tensors, list(final_meta), revert_names),
         filename_to_names={f: list(names) for f, names in split.filename_to_tensors.items()},
         index_metadata={"total_parameters": total_parameters, **split.metadata},
         is_sharded=split.is_sharded,
+        revert_names=revert_names,
     )
 
 
-def revert_module_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo transformers' load-time weight conversions for one gathered module's tensors."""
-    return _revert_names(model, state)
+def _name_reverter(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Undo transformers' load-time weight conversions, as `save_pretrained` does; identity when there are none.
+
+    Decided once per plan: looking the conversions up walks the whole model every time.
+    """
+    if isinstance(model, PreTrainedModel) and _has_weight_conversions(model):
+        return lambda state: revert_weight_conversion(model, state)
+    return lambda state: state
 
 
-def _revert_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if isinstance(model, PreTrainedModel):
-        return revert_weight_conversion(model, state)
-    return state
+def _has_weight_conversions(model: PreTrainedModel) -> bool:
+    # The same test `revert_weight_conversion` makes before returning its input unchanged.
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+    return bool(conversions)
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
@@ -95,14 +107,14 @@ def _untied_names(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
 
 
 def _groups_in_file_order(
-    model: nn.Module, tensors: dict[str, torch.Tensor], final_order: list[str]
+    model: nn.Module, tensors: dict[str, torch.Tensor], final_order: list[str], revert_names: Callable
 ) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
     position = {name: i for i, name in enumerate(final_order)}
     groups = []
     for prefix, module in model.named_modules(remove_duplicate=False):
         own = {n: t for n, t in own_state(module, f"{prefix}." if prefix else "").items() if n in tensors}
         if own:
-            final_names = _revert_names(model, {n: _meta_like(t) for n, t in own.items()})
+            final_names = revert_names({n: _meta_like(t) for n, t in own.items()})
             groups.append((min(position[n] for n in final_names), module, own))
     groups.sort(key=lambda g: g[0])
     return [(module, own) for _, module, own in _unique_groups(groups)]
@@ -133,6 +145,7 @@ class ShardWriter:
     _file_of: dict[str, str] = field(default_factory=dict)
     _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     _written: set[str] = field(default_factory=set)
+    sha256: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._file_of = {n: f for f, names in self.plan.filename_to_names.items() for n in names}
@@ -161,8 +174,8 @@ class ShardWriter:
 
     def _write(self, filename: str) -> None:
         names = self.plan.filename_to_names[filename]
-        shard = {n: self._pending[filename][n].contiguous() for n in names}
-        save_file(shard, str(self.directory / filename), metadata={"format": "pt"})
+        shard = {n: self._pending[filename][n] for n in names}
+        self.sha256[filename] = _safetensors.write(self.directory / filename, shard, metadata={"format": "pt"})
         self.held_bytes -= sum(t.numel() * t.element_size() for t in self._pending[filename].values())
         self._pending[filename] = {}
         self._written.add(filename)

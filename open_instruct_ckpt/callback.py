@@ -72,10 +72,12 @@ class CheckpointCallback(TrainerCallback):
         self._set_up(args, model, kwargs.get("processing_class"))
         self._warn_if_trainer_gathers(args)
         self._last_saved, self.preempted = None, False
-        problem = None
-        if args.should_save:
-            problem = self._claim_output_dir(model)
-        raise_on_all_ranks(CheckpointError(problem) if problem else None)
+        problem = self._claim_output_dir(model) if args.should_save else None
+        try:
+            raise_on_all_ranks(CheckpointError(problem) if problem else None)
+        except Exception:
+            self._stand_down()  # on_train_end will not run
+            raise
         self._preemption.install()
 
     def _set_up(self, args: TrainingArguments, model: nn.Module | None, processing_class: Any) -> None:
@@ -104,7 +106,10 @@ class CheckpointCallback(TrainerCallback):
             self._lock = None
             return str(exc)
         _io.recover(output_dir)
-        return _save.startup_problem(self._settings, model)
+        problem = _save.startup_problem(self._settings, model)
+        if problem:
+            self._stand_down()
+        return problem
 
     # -- when to save -------------------------------------------------------------------------
 
@@ -125,14 +130,22 @@ class CheckpointCallback(TrainerCallback):
             if not self.preempted and state.global_step >= state.max_steps:
                 self._save_final(args, state, kwargs["model"])
         finally:
-            self._preemption.uninstall()
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            self._stand_down()
         return control
 
+    def _stand_down(self) -> None:
+        """Uninstall the signal handlers and release the output_dir lock (end of run, or a failed one)."""
+        self._preemption.uninstall()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def _save_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module):
-        path = _save.save(self._settings, model, step_name(state.global_step), state.global_step, args.should_save)
+        try:
+            path = _save.save(self._settings, model, step_name(state.global_step), state.global_step, args.should_save)
+        except BaseException:
+            self._stand_down()  # train() ends with this error: no on_train_end will run
+            raise
         self._last_saved = (state.global_step, path)
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False

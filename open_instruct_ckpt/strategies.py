@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -18,8 +18,16 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from ._shards import ShardWriter, plan_shards, revert_module_names
+from ._shards import ShardWriter, plan_shards
 from ._zero3 import for_each_module_state, own_state, stored_nbytes
+
+
+@dataclass
+class WriteReport:
+    """What the writer learned while writing: peak CPU bytes held and checksums it computed."""
+
+    peak_held_bytes: int = 0
+    sha256: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -33,8 +41,8 @@ class SaveStrategy(Protocol):
     def estimate_bytes(self, model: nn.Module) -> int:
         """Bytes of weights a save writes, from stored shapes (no gather). Local."""
 
-    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> int:
-        """Collective. Write the checkpoint into `directory` on the writer; returns the peak CPU bytes held."""
+    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        """Collective. Write the checkpoint into `directory` on the writer (empty report elsewhere)."""
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -75,7 +83,7 @@ class FullModel:
     def estimate_bytes(self, model: nn.Module) -> int:
         return plan_shards(model, self.max_shard_size).total_bytes
 
-    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> int:
+    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         self.check(model)
         return write_module(model, directory, generation_config, self.max_shard_size)
 
@@ -119,24 +127,24 @@ class ModelAttribute:
     def estimate_bytes(self, model: nn.Module) -> int:
         return plan_shards(self.saved_module(model), self.max_shard_size).total_bytes
 
-    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> int:
+    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         return write_module(self.saved_module(model), directory, generation_config, self.max_shard_size)
 
 
 def write_module(
     module: nn.Module, directory: Path | None, generation_config: GenerationConfig | None, max_shard_size
-) -> int:
+) -> WriteReport:
     """Collective: stream `module`'s weights into shards (as `save_pretrained` lays them out), plus its configs."""
     plan = plan_shards(module, max_shard_size)
     writer = ShardWriter(directory, plan) if directory is not None else None
-    consume = (lambda state: writer.add(revert_module_names(module, state))) if writer else None
+    consume = (lambda state: writer.add(plan.revert_names(state))) if writer else None
     for_each_module_state(plan.groups, consume)
     if writer is None:
-        return 0
+        return WriteReport()
     writer.finish()
     if isinstance(module, PreTrainedModel):
         _write_model_configs(module, directory, generation_config)
-    return writer.peak_held_bytes
+    return WriteReport(writer.peak_held_bytes, dict(writer.sha256))
 
 
 def _write_model_configs(model: PreTrainedModel, directory: Path, generation_config: GenerationConfig | None) -> None:
@@ -176,19 +184,19 @@ class LoRAAdapter:
     def estimate_bytes(self, model: nn.Module) -> int:
         return sum(stored_nbytes(t) for _, own in self._groups(model) for t in own.values())
 
-    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> int:
+    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         self.check(model)
         state: dict[str, torch.Tensor] = {}
         for_each_module_state(self._groups(model), state.update if directory is not None else None)
         if directory is None:
-            return 0
+            return WriteReport()
         held = sum(t.numel() * t.element_size() for t in state.values())
         model.save_pretrained(
             str(directory), state_dict=state, save_embedding_layers=self._embeddings_saved(model), is_main_process=True
         )
         if generation_config is not None:
             generation_config.save_pretrained(directory)
-        return held
+        return WriteReport(peak_held_bytes=held)
 
     def _groups(self, model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
         wanted = {id(p) for p in model.parameters() if p.requires_grad}

@@ -226,9 +226,9 @@ class Recording:
         return self.inner.estimate_bytes(model)
 
     def save(self, model, directory, generation_config):
-        peak = self.inner.save(model, directory, generation_config)
-        self.peaks.append(peak)
-        return peak
+        written = self.inner.save(model, directory, generation_config)
+        self.peaks.append(getattr(written, "peak_held_bytes", written))
+        return written
 
     def __repr__(self) -> str:
         return repr(self.inner)

@@ -2,7 +2,7 @@
 the k-th file operation; the parent then checks the output_dir, reads it like a user would, and
 restarts a run in it. Imports happen once here; every child is a fresh fork of this process.
 
-Usage: python crash_sweep.py SCENARIO WORKDIR [STRIDE]   (prints one JSON document)
+Usage: python crash_sweep.py SCENARIO WORKDIR [STRIDE]   (writes WORKDIR/result.json)
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main(scenario: str, work: Path, stride: int = 1) -> None:
     first_publish = next((i for i in range(1, len(log) + 1) if expected_present(log, i)), None)
     ks = list(range(1, len(log) + 1, stride)) + ([len(log)] if (len(log) - 1) % stride else [])
     records = [check_k(run, restart, work, k, log) for k in ks]
-    print(json.dumps({
+    (work / "result.json").write_text(json.dumps({
         "counting_run": counted, "ops": len(log), "first_publish": first_publish, "log": log,
         "records": records, "seconds": round(time.perf_counter() - started, 1),
     }))

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import open_instruct_ckpt._shards as shards
 
+try:  # the streaming safetensors writer, where present; else safetensors' own save_file
+    import open_instruct_ckpt._safetensors as safetensors_writer
+except ImportError:
+    safetensors_writer = None
+
 _WRITE_MODES = set("wax+")
 
 
@@ -66,7 +71,9 @@ def install(root: Path, crash_at: int | None) -> OpCounter:
         counter.done("fsync", _path(fd if isinstance(fd, int) else fd.fileno()))
         return result
 
-    real_open, real_save_file, real_copy2 = builtins.open, shards.save_file, shutil.copy2
+    real_open, real_copy2 = builtins.open, shutil.copy2
+    module, attribute = (safetensors_writer, "write") if safetensors_writer else (shards, "save_file")
+    real_save_file = getattr(module, attribute)
 
     def open_(file, mode="r", *args, **kwargs):
         handle = real_open(file, mode, *args, **kwargs)
@@ -74,8 +81,9 @@ def install(root: Path, crash_at: int | None) -> OpCounter:
             counter.done("open-write", _path(file))
         return handle
 
-    def save_file(tensors, filename, *args, **kwargs):
-        result = real_save_file(tensors, filename, *args, **kwargs)
+    def save_file(*args, **kwargs):
+        result = real_save_file(*args, **kwargs)
+        filename = kwargs.get("path") or kwargs.get("filename") or next(a for a in args if isinstance(a, (str, Path)))
         counter.done("safetensors-write", _path(filename))
         return result
 
@@ -90,6 +98,6 @@ def install(root: Path, crash_at: int | None) -> OpCounter:
         setattr(os, name, one_path(name))
     os.fsync = fsync
     builtins.open = io.open = open_
-    shards.save_file = save_file
+    setattr(module, attribute, save_file)
     shutil.copy2 = copy2
     return counter

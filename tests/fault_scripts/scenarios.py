@@ -49,11 +49,12 @@ def callback_restart(output_dir: Path) -> None:
     drive_callback(output_dir, llama_model(tokenizer, seed=1), tokenizer, [3], max_steps=3, keep_last=1)
 
 
-def trainer_run(output_dir: Path, max_steps: int = 2, keep_last: int = 1) -> Trainer:
+def trainer_run(output_dir: Path, max_steps: int = 2, keep_last: int = 1, extra_callbacks: tuple = ()) -> Trainer:
     tokenizer = llama_tokenizer()
     trainer = Trainer(
         model=llama_model(tokenizer), args=_args(output_dir, max_steps), processing_class=tokenizer,
-        train_dataset=TinyTextDataset(len(tokenizer)), callbacks=[CheckpointCallback(FullModel(), keep_last=keep_last)],
+        train_dataset=TinyTextDataset(len(tokenizer), rows=1024),
+        callbacks=[CheckpointCallback(FullModel(), keep_last=keep_last), *extra_callbacks],
     )
     trainer.train()
     return trainer

@@ -1,0 +1,33 @@
+"""A writer-side problem found before the first gather stops every rank with the same error, without hanging."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def full_disk(launched):
+    # Rank 0 alone sees a full disk from step 1; the save at step 2 must fail on both ranks.
+    # Trainer checkpoints kept with stage3_gather_16bit_weights_on_model_save=true: the init warning.
+    return launched(
+        "--strategy", "full", "--engine", "zero3", "--fail-free-space-at-step", "1",
+        "--gather-16bit", "--trainer-checkpoints",
+    ).check()
+
+
+def test_writer_preflight_failure_raises_on_every_rank_quickly(full_disk):
+    writer, other = full_disk.report(0), full_disk.report(1)
+    assert writer["error"].startswith("CheckpointError: not enough disk space in ")
+    assert other["error"] == f"CheckpointError: checkpoint save failed on rank 0: {writer['error']}"
+    for report in (writer, other):
+        assert report["error_at"] - report["save_started"]["2"] < 10  # not the 120 s process-group timeout
+    assert not any(p.name.startswith(("step_", ".tmp-")) for p in full_disk.checkpoints.iterdir())
+    assert other["audit"] == []
+
+
+def test_warns_when_trainer_would_gather_the_full_model(full_disk):
+    writer = full_disk.report(0)
+    assert writer["trainer_gathers_full_model"] is True
+    assert any("stage3_gather_16bit_weights_on_model_save=true" in m for m in writer["warnings"])
