@@ -24,6 +24,8 @@ from .strategies import SaveStrategy
 
 logger = logging.getLogger(__name__)
 
+# Tokenizer, config and manifest files are small next to the weights: a generous fixed allowance.
+_SMALL_FILES_ALLOWANCE = 64 * 1024 * 1024
 _VERSIONED = ("open_instruct_ckpt", "torch", "transformers", "safetensors", "peft", "deepspeed", "accelerate")
 
 
@@ -128,12 +130,7 @@ def _preflight_problem(settings: SaveSettings, model: nn.Module) -> str | None:
 
 
 def _needed_bytes(settings: SaveSettings, model: nn.Module) -> int:
-    return settings.strategy.estimate_bytes(model) + _tokenizer_allowance(settings.tokenizer)
-
-
-def _tokenizer_allowance(tokenizer: Any) -> int:
-    # Tokenizer and config files are small next to weights; allow a generous fixed amount.
-    return 64 * 1024 * 1024
+    return settings.strategy.estimate_bytes(model) + _SMALL_FILES_ALLOWANCE
 
 
 def _raise_if(problem: str | None) -> None:

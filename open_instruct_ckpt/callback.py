@@ -106,10 +106,7 @@ class CheckpointCallback(TrainerCallback):
             self._lock = None
             return str(exc)
         _io.recover(output_dir)
-        problem = _save.startup_problem(self._settings, model)
-        if problem:
-            self._stand_down()
-        return problem
+        return _save.startup_problem(self._settings, model)
 
     # -- when to save -------------------------------------------------------------------------
 

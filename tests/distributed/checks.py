@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from launch import PROBE_IDS, Run
 from open_instruct_ckpt.tiny import llama_model, llama_tokenizer
@@ -44,7 +44,17 @@ def full_model_matches_live(run: Run, step: int, loader=AutoModelForCausalLM) ->
         assert torch.equal(loaded[name], tensor), name
     with torch.no_grad():
         assert torch.equal(model.eval()(input_ids=PROBE_IDS).logits, reference["logits"])
+    writer_side_files_load(run.checkpoints / f"step_{step}")
     return reference["logits"]
+
+
+def writer_side_files_load(directory) -> None:
+    """Tokenizer and generation config, written by the writer from the unwrapped model, load and agree."""
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert tokenizer.get_vocab() == llama_tokenizer().get_vocab()
+    generation = GenerationConfig.from_pretrained(directory)
+    assert tokenizer.eos_token_id in (generation.eos_token_id if isinstance(generation.eos_token_id, list)
+                                      else [generation.eos_token_id])
 
 
 def lora_matches_live(run: Run, step: int) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,3 +65,23 @@ def launch(out: Path, *worker_args: str, nproc: int = 2, timeout: float = 300) -
     seconds = time.perf_counter() - started
     (out / "launch.log").write_text(done.stdout + done.stderr)
     return Run(out, done.returncode, done.stdout + done.stderr, seconds)
+
+
+_RUNS: dict[tuple[str, ...], Run] = {}
+
+
+@pytest.fixture(scope="session")
+def launched(tmp_path_factory):
+    """`launched(*worker_args)` -> the finished Run; the same arguments reuse the first launch of the session.
+
+    Import it into a test module (`from launch import launched`); there is deliberately no
+    conftest.py here, because the tests import helpers `from conftest` (the one in tests/).
+    """
+
+    def run(*worker_args: str) -> Run:
+        if worker_args not in _RUNS:
+            _RUNS[worker_args] = launch(tmp_path_factory.mktemp("launch"), *worker_args)
+            print(f"launch {' '.join(worker_args)}: {_RUNS[worker_args].seconds:.1f} s")
+        return _RUNS[worker_args]
+
+    return run

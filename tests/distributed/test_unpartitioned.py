@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import checks
+from launch import launched  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.distributed
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from launch import launched  # noqa: F401 (fixture)
+
 pytestmark = pytest.mark.distributed
 
 

@@ -1,0 +1,53 @@
+"""verify_checkpoint names each kind of damage; the CLI exits 1 on a corrupt checkpoint."""
+
+import subprocess
+import sys
+
+import pytest
+
+from open_instruct_ckpt import FullModel, verify_checkpoint
+from open_instruct_ckpt._save import SaveSettings, save
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer, llama):
+    return save(SaveSettings(FullModel(), tokenizer, None, tmp_path, None), llama, "step_1", 1, True)
+
+
+def test_sound_checkpoint(checkpoint):
+    assert verify_checkpoint(checkpoint) == []
+
+
+def test_missing_file(checkpoint):
+    (checkpoint / "config.json").unlink()
+    assert verify_checkpoint(checkpoint) == ["config.json: missing"]
+
+
+def test_wrong_size(checkpoint):
+    size = (checkpoint / "tokenizer.json").stat().st_size
+    with open(checkpoint / "tokenizer.json", "a") as handle:
+        handle.write(" ")
+    assert verify_checkpoint(checkpoint) == [f"tokenizer.json: size {size + 1} bytes, manifest says {size}"]
+
+
+def test_checksum_mismatch(checkpoint):
+    data = bytearray((checkpoint / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (checkpoint / "model.safetensors").write_bytes(bytes(data))
+    assert verify_checkpoint(checkpoint) == ["model.safetensors: sha256 mismatch"]
+
+
+def test_truncated_safetensors_header(checkpoint):
+    path = checkpoint / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:40])
+    problems = verify_checkpoint(checkpoint)
+    assert problems[0].startswith("model.safetensors: size 40 bytes, manifest says")
+    assert problems[1].startswith("model.safetensors: truncated safetensors header (")
+
+
+def test_cli_exit_codes(checkpoint, tmp_path):
+    command = [sys.executable, "-m", "open_instruct_ckpt.cli", "verify", str(checkpoint)]
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    (checkpoint / "config.json").unlink()
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 1 and "CORRUPT" in done.stdout and "config.json: missing" in done.stdout
