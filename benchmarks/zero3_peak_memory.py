@@ -141,7 +141,8 @@ def main() -> None:
         results = [launch(mode, opts, Path(out)) for mode in MODES]
     print(f"model: Llama hidden={opts.hidden} layers={opts.layers}, fp32, {results[0]['model_bytes'] / MB:.0f} MiB; "
           f"largest module {results[0]['largest_module_bytes'] / MB:.0f} MiB; shard size {opts.shard}")
-    print(f"{'mode':<11} {'RSS before':>11} {'peak RSS':>9} {'save cost':>10} {'x model':>8} {'held peak':>10} {'time':>6}")
+    header = ("mode", "RSS before", "peak RSS", "save cost", "x model", "held peak", "time")
+    print("{:<11} {:>11} {:>9} {:>10} {:>8} {:>10} {:>6}".format(*header))
     for r in results:
         cost = r["vm_hwm"] - r["rss_before_save"]
         held = f"{r['peak_held_bytes'] / MB:.0f} MiB" if r["peak_held_bytes"] is not None else "-"

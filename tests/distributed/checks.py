@@ -24,13 +24,14 @@ def nonwriter_wrote_nothing(run: Run) -> None:
 def partitioned(run: Run) -> None:
     for rank in (0, 1):
         report = run.report(rank)
-        assert report["partitioned_params"] == report["params"] == report["local_numel_zero"] > 0
+        assert report["partitioned_params"] == report["params"] > 0
+        assert report["local_numel_zero_at_save"] == [report["params"]] * len(SAVE_STEPS)  # nothing left gathered
 
 
 def not_partitioned(run: Run) -> None:
     for rank in (0, 1):
         report = run.report(rank)
-        assert report["partitioned_params"] == report["local_numel_zero"] == 0
+        assert report["partitioned_params"] == 0 and report["local_numel_zero_at_save"] == [0] * len(SAVE_STEPS)
         assert report["gathered"] == []
 
 

@@ -45,8 +45,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--tie", action="store_true")
     parser.add_argument("--gather-16bit", action="store_true", help="stage3_gather_16bit_weights_on_model_save")
     parser.add_argument("--trainer-checkpoints", action="store_true")
-    parser.add_argument("--fail-free-space-at-step", type=int, default=None, help="rank 0 sees a full disk from then on")
-    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--fail-free-space-at-step", type=int, default=None, help="rank 0 sees a full disk")
     return parser.parse_args()
 
 
@@ -139,7 +138,7 @@ def training_args(opts: argparse.Namespace):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(opts.out / "ckpt"), max_steps=opts.max_steps, save_strategy="steps", save_steps=2,
+        output_dir=str(opts.out / "ckpt"), max_steps=4, save_strategy="steps", save_steps=2,
         per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], logging_steps=100, disable_tqdm=True,
         save_only_model=not opts.trainer_checkpoints, seed=0, ddp_timeout=120, use_cpu=opts.engine == "ddp",
         deepspeed=deepspeed_config(opts.engine, opts.gather_16bit) if opts.engine != "ddp" else None,
@@ -158,8 +157,12 @@ def _gathered_live(params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+def _is_save_step(args, state) -> bool:
+    return state.global_step % args.save_steps == 0 or state.global_step == state.max_steps
+
+
 class Recorder(TrainerCallback):
-    """Partitioning proof, reference tensors and logits at save steps, the non-writer guard."""
+    """Runs before CheckpointCallback: partitioning proof, the non-writer guard, the full-disk fault."""
 
     def __init__(self, opts: argparse.Namespace, report: dict) -> None:
         self.opts, self.report = opts, report
@@ -172,13 +175,24 @@ class Recorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
-        if step == 1:
-            self.report["local_numel_zero"] = sum(p.numel() == 0 for p in model.parameters())
         if step == self.opts.fail_free_space_at_step and args.should_save:
             shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
-        if step % args.save_steps == 0 or step == state.max_steps:
+        if _is_save_step(args, state):  # what the save is handed: every parameter still partitioned?
+            empty = sum(p.numel() == 0 for p in model.parameters())
+            self.report.setdefault("local_numel_zero_at_save", []).append(empty)
             self.report.setdefault("save_started", {})[step] = time.time()
-            self._reference(model, step, args.should_save)
+
+
+class Reference(TrainerCallback):
+    """Runs after CheckpointCallback (a forward leaves ZeRO-3 parameters gathered): the live model's
+    tensors and logits at each save step, written by rank 0 to `<out>/reference/step_<N>.pt`."""
+
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if _is_save_step(args, state):
+            self._reference(model, state.global_step, args.should_save)
 
     def _reference(self, model: nn.Module, step: int, is_writer: bool) -> None:
         target = model.policy if self.opts.strategy == "attribute" else model
@@ -246,61 +260,61 @@ def capture_warnings(report: dict) -> None:
         logging.getLogger(name).addHandler(handler)
 
 
-def vm_hwm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 # -- the run --------------------------------------------------------------------------------------
 
-def main() -> None:
-    opts = parse()
+def set_up_processes(opts: argparse.Namespace, report: dict) -> int:
+    """Audit hook on every rank (the writer's shows the hook sees writes), then the process group."""
     rank = int(os.environ["RANK"])
-    report: dict = {"rank": rank, "audit": []}
     (opts.out / "reports").mkdir(parents=True, exist_ok=True)
-    if rank != 0:
-        install_audit(opts.out / "ckpt", report["audit"])
-    else:
-        install_audit(opts.out / "ckpt", report.setdefault("writer_audit", []))
+    install_audit(opts.out / "ckpt", report["audit"] if rank != 0 else report.setdefault("writer_audit", []))
     if opts.engine != "ddp":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     from accelerate import PartialState
 
-    PartialState(backend="gloo")
+    PartialState(backend="gloo")  # before TrainingArguments, or it computes world size 1 on CPU
+    return rank
+
+
+def record_plan(report: dict, strategy, model: nn.Module, max_shard_size) -> None:
+    plan = plan_shards(strategy.saved_module(model), max_shard_size)
+    report["largest_group_bytes"] = max(sum(_zero3.stored_nbytes(t) for t in own.values()) for _, own in plan.groups)
+    report["model_bytes"] = plan.total_bytes
+
+
+def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: list):
     from transformers import Trainer
 
-    args = training_args(opts)
-    tokenizer = llama_tokenizer()
+    args, tokenizer = training_args(opts), llama_tokenizer()
     model, strategy_class = build(opts.strategy, tokenizer, opts.tie)
-    peaks: list = []
     strategy = strategy_class(max_shard_size=opts.max_shard_size)
     callback = CheckpointCallback(Recording(strategy, peaks), trainer_checkpoints=opts.trainer_checkpoints or None)
-    capture_warnings(report)
-    gathered: list = []
     spy_on_gathers(model, gathered)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=TinyTextDataset(len(tokenizer), rows=32), processing_class=tokenizer,
-        callbacks=[Recorder(opts, report), callback],
-    )
     report.update(
         should_save=args.should_save, world_size=args.world_size,
         trainer_gathers_full_model=_zero3.trainer_gathers_full_model(args),
     )
-    if rank == 0 and opts.strategy != "lora":
-        plan = plan_shards(strategy.saved_module(model), opts.max_shard_size)
-        report["largest_group_bytes"] = max(sum(_zero3.stored_nbytes(t) for t in own.values()) for _, own in plan.groups)
-        report["model_bytes"] = plan.total_bytes
-    started = time.time()
+    if args.should_save and opts.strategy != "lora":
+        record_plan(report, strategy, model, opts.max_shard_size)
+    return Trainer(
+        model=model, args=args, train_dataset=TinyTextDataset(len(tokenizer), rows=32), processing_class=tokenizer,
+        callbacks=[Recorder(opts, report), callback, Reference(opts)],
+    )
+
+
+def main() -> None:
+    opts = parse()
+    report: dict = {"audit": []}
+    rank = set_up_processes(opts, report)
+    capture_warnings(report)
+    peaks, gathered = [], []
+    trainer = make_trainer(opts, report, peaks, gathered)
     try:
         trainer.train()
-    except Exception as exc:
-        report["error"] = f"{type(exc).__name__}: {exc}"
-        report["error_at"] = time.time()
+    except Exception as exc:  # reported for the tests to compare across ranks
+        report.update(error=f"{type(exc).__name__}: {exc}", error_at=time.time())
     finally:
         allow_file_writes()
-    report.update(train_seconds=time.time() - started, peaks=peaks, gathered=gathered, vm_hwm_bytes=vm_hwm_bytes())
+    report.update(rank=rank, peaks=peaks, gathered=gathered)
     (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
     dist.destroy_process_group()
 
