@@ -66,11 +66,11 @@ class CheckpointCallback(TrainerCallback):
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._set_up(args, kwargs.get("model"), kwargs.get("processing_class"))
         logger.info(self._trainer_checkpoint_reason(args))
+        self._warn_if_trainer_gathers(args)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         model = kwargs.get("model")
         self._set_up(args, model, kwargs.get("processing_class"))
-        self._warn_if_trainer_gathers(args)
         self._last_saved, self.preempted = None, False
         problem = self._claim_output_dir(model) if args.should_save else None
         try:

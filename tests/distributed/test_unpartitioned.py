@@ -10,9 +10,13 @@ from launch import launched  # noqa: F401 (fixture)
 pytestmark = pytest.mark.distributed
 
 
+WRAPPER = {"zero2": "DeepSpeedEngine", "ddp": "DistributedDataParallel"}
+
+
 @pytest.mark.parametrize("engine", ["zero2", "ddp"])
 def test_full_model_under(engine, launched):
     run = launched("--strategy", "full", "--engine", engine).check()
+    assert {run.report(rank)["wrapped"] for rank in (0, 1)} == {WRAPPER[engine]}
     checks.not_partitioned(run)
     for step in checks.SAVE_STEPS:
         checks.full_model_matches_live(run, step)

@@ -271,7 +271,9 @@ def set_up_processes(opts: argparse.Namespace, report: dict) -> int:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     from accelerate import PartialState
 
-    PartialState(backend="gloo")  # before TrainingArguments, or it computes world size 1 on CPU
+    # Before TrainingArguments, or it computes world size 1 on CPU. Without DeepSpeed, cpu=True makes
+    # it MULTI_CPU, so the Trainer really wraps the model in DistributedDataParallel.
+    PartialState(cpu=opts.engine == "ddp", backend="gloo")
     return rank
 
 
@@ -314,7 +316,7 @@ def main() -> None:
         report.update(error=f"{type(exc).__name__}: {exc}", error_at=time.time())
     finally:
         allow_file_writes()
-    report.update(rank=rank, peaks=peaks, gathered=gathered)
+    report.update(rank=rank, peaks=peaks, gathered=gathered, wrapped=type(trainer.model_wrapped).__name__)
     (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
     dist.destroy_process_group()
 
