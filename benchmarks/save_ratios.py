@@ -55,6 +55,7 @@ def raw_write(payload: memoryview, target: Path) -> None:
 
 def timed(action, root: Path) -> float:
     target = Path(tempfile.mkdtemp(dir=root))
+    os.sync()  # start from a clean page cache: no earlier contender's writeback competes
     started = time.perf_counter()
     action(target)
     seconds = time.perf_counter() - started

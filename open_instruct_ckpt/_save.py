@@ -113,11 +113,8 @@ def link_final(settings: SaveSettings, source: Path | None, is_writer: bool) -> 
     return path
 
 
-def startup_problem(settings: SaveSettings, model: nn.Module) -> str | None:
-    """Writer-local: why checkpoints of this run cannot be written, or None."""
-    problem = _io.writable_problem(settings.output_dir)
-    if problem:
-        return problem
+def startup_space_problem(settings: SaveSettings, model: nn.Module) -> str | None:
+    """Writer-local: None if `keep_last + 1` checkpoints fit (pruning follows a save), else what to do."""
     copies = settings.keep_last + 1 if settings.keep_last is not None else 1
     return _io.free_space_problem(settings.output_dir, copies * _needed_bytes(settings, model))
 

@@ -106,7 +106,7 @@ class CheckpointCallback(TrainerCallback):
             self._lock = None
             return str(exc)
         _io.recover(output_dir)
-        return _save.startup_problem(self._settings, model)
+        return _save.startup_space_problem(self._settings, model)
 
     # -- when to save -------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--gather-16bit", action="store_true", help="stage3_gather_16bit_weights_on_model_save")
     parser.add_argument("--trainer-checkpoints", action="store_true")
     parser.add_argument("--fail-free-space-at-step", type=int, default=None, help="rank 0 sees a full disk")
+    parser.add_argument("--fail-shard-write-at-step", type=int, default=None, help="rank 0's disk fills mid-save")
     return parser.parse_args()
 
 
@@ -157,6 +158,12 @@ def _gathered_live(params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+def _disk_full_on_write(path, tensors, metadata=None):
+    with open(path, "wb") as handle:
+        handle.write(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
 def _is_save_step(args, state) -> bool:
     return state.global_step % args.save_steps == 0 or state.global_step == state.max_steps
 
@@ -177,6 +184,8 @@ class Recorder(TrainerCallback):
         step = state.global_step
         if step == self.opts.fail_free_space_at_step and args.should_save:
             shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
+        if step == self.opts.fail_shard_write_at_step and args.should_save:
+            _safetensors.write = _disk_full_on_write
         if _is_save_step(args, state):  # what the save is handed: every parameter still partitioned?
             empty = sum(p.numel() == 0 for p in model.parameters())
             self.report.setdefault("local_numel_zero_at_save", []).append(empty)
