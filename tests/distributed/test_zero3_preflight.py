@@ -33,3 +33,23 @@ def test_warns_when_trainer_would_gather_the_full_model(full_disk):
     writer = full_disk.report(0)
     assert writer["trainer_gathers_full_model"] is True
     assert any("stage3_gather_16bit_weights_on_model_save=true" in m for m in writer["warnings"])
+
+
+@pytest.fixture(scope="module")
+def disk_fills_mid_save(launched):
+    # Small shards: the first shard is written while later modules still have to be gathered.
+    return launched(
+        "--strategy", "full", "--engine", "zero3", "--max-shard-size", "20000", "--fail-shard-write-at-step", "1",
+    ).check()
+
+
+def test_write_failure_mid_gather_reaches_every_rank_after_all_gathers(disk_fills_mid_save):
+    writer, other = disk_fills_mid_save.report(0), disk_fills_mid_save.report(1)
+    assert writer["error"].startswith("CheckpointError: writing checkpoint ")
+    assert "No space left on device" in writer["error"] and "free disk space" in writer["error"]
+    assert other["error"] == f"CheckpointError: checkpoint save failed on rank 0: {writer['error']}"
+    # The writer kept entering every gather after its write failed, so both ranks gathered everything.
+    assert writer["gathered"] == other["gathered"] and len(writer["gathered"]) == writer["params"]
+    for report in (writer, other):
+        assert report["error_at"] - report["save_started"]["2"] < 10  # not the 120 s process-group timeout
+    assert not any(p.name.startswith(("step_", ".tmp-")) for p in disk_fills_mid_save.checkpoints.iterdir())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
-from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _zero3
+from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _safetensors, _zero3
 from open_instruct_ckpt._shards import plan_shards
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
 
