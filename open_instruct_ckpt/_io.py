@@ -171,7 +171,10 @@ def prune(output_dir: Path, keep_last: int | None, just_saved: Path | None = Non
 
 def free_space_problem(output_dir: Path, needed_bytes: int) -> str | None:
     """None if `needed_bytes` fit on the filesystem of `output_dir`, else a message saying what to do."""
-    free = shutil.disk_usage(output_dir).free
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # output_dir is created later, on the same filesystem
+    free = shutil.disk_usage(existing).free
     if free >= needed_bytes:
         return None
     return (

@@ -65,8 +65,9 @@ class CheckpointCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._set_up(args, kwargs.get("model"), kwargs.get("processing_class"))
-        logger.info(self._trainer_checkpoint_reason(args))
-        self._warn_if_trainer_gathers(args)
+        if args.should_save:
+            logger.info(self._trainer_checkpoint_reason(args))
+            self._warn_if_trainer_gathers(args)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         model = kwargs.get("model")
@@ -147,7 +148,9 @@ class CheckpointCallback(TrainerCallback):
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False
 
-    def _save_for_preemption(self, args, state, control, model):
+    def _save_for_preemption(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module
+    ) -> TrainerControl:
         if not self._saved_at(state.global_step):
             self._save_step(args, state, control, model)
         self.preempted = True

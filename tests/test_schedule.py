@@ -103,3 +103,14 @@ def test_explicit_tokenizer_is_used_without_processing_class(tmp_path, tokenizer
 def test_output_dir_argument_overrides_args_output_dir(tmp_path, tokenizer, llama):
     make_trainer(llama, tokenizer, tmp_path / "trainer", CheckpointCallback(FullModel(), output_dir=tmp_path / "ours")).train()
     assert entries(tmp_path / "ours") == {"step_2", "step_4", "final"}
+
+
+def test_init_logs_once_whether_the_trainers_checkpoints_are_kept_and_why(tmp_path, tokenizer, llama, caplog):
+    with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
+        make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel()))
+        make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel()), save_only_model=False)
+    reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Trainer checkpoints")]
+    assert reasons == [
+        "Trainer checkpoints are skipped: save_only_model=True makes them duplicates of ours",
+        "Trainer checkpoints (checkpoint-N, for resume) are kept beside ours: save_only_model=False",
+    ]
