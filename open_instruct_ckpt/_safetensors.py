@@ -3,6 +3,8 @@
 `safetensors.torch.save_file` gives no checksum, so the manifest would have to read every
 shard back. Here each tensor's bytes are written once, zero-copy, while a second thread feeds
 the same buffers to sha256 (hashlib releases the GIL), so the checksum costs no extra pass.
+The queue holds views of the tensors, not copies, so it needs no bound: writing runs at page
+cache speed and the file's fsync (disk-bound) overlaps the hashing (CPU-bound).
 The layout is the safetensors format: an 8-byte little-endian header length, a JSON header
 padded with spaces to 8 bytes, then the tensor data in header order.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import struct
 import threading
@@ -48,7 +51,7 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         if tensor.dtype not in _DTYPE_NAMES:
             raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
     digest = hashlib.sha256()
-    pending: queue.Queue = queue.Queue(maxsize=4)
+    pending: queue.SimpleQueue = queue.SimpleQueue()
     hasher = threading.Thread(target=_hash_until_done, args=(digest, pending), daemon=True)
     hasher.start()
     try:
@@ -60,12 +63,14 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
                 for chunk in _chunks(tensor):
                     handle.write(chunk)
                     pending.put(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
     finally:
         pending.put(None)
         hasher.join()
     return digest.hexdigest()
 
 
-def _hash_until_done(digest, pending: queue.Queue) -> None:
+def _hash_until_done(digest, pending: queue.SimpleQueue) -> None:
     while (chunk := pending.get()) is not None:
         digest.update(chunk)
