@@ -49,7 +49,9 @@ def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writ
             generation_config = _generation_config.build(
                 settings.generation_config, settings.strategy.saved_module(model), settings.tokenizer
             )
-            _raise_if(_preflight_problem(settings, model))
+            # Free space first: that check writes nothing, so a full disk leaves output_dir untouched.
+            # Creating the staging directory is the writability check; it too precedes every collective.
+            _raise_if(_io.free_space_problem(settings.output_dir, _needed_bytes(settings, model)))
             staging = _io.create_staging(settings.output_dir, name)
         except Exception as exc:
             error = _explained(exc, settings.output_dir / name)
@@ -117,13 +119,6 @@ def startup_space_problem(settings: SaveSettings, model: nn.Module) -> str | Non
     """Writer-local: None if `keep_last + 1` checkpoints fit (pruning follows a save), else what to do."""
     copies = settings.keep_last + 1 if settings.keep_last is not None else 1
     return _io.free_space_problem(settings.output_dir, copies * _needed_bytes(settings, model))
-
-
-def _preflight_problem(settings: SaveSettings, model: nn.Module) -> str | None:
-    # Free space first: that check writes nothing, so a full disk leaves output_dir untouched.
-    return _io.free_space_problem(settings.output_dir, _needed_bytes(settings, model)) or _io.writable_problem(
-        settings.output_dir
-    )
 
 
 def _needed_bytes(settings: SaveSettings, model: nn.Module) -> int:
