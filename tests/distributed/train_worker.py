@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import json
 import os
 import resource
@@ -328,6 +329,10 @@ def main() -> None:
         allow_file_writes()
     report.update(rank=rank, peaks=peaks, gathered=gathered, wrapped=type(trainer.model_wrapped).__name__)
     (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    # The DDP reducer holds the process group: free it first, or the group can be torn down at
+    # interpreter exit instead, where gloo once aborted ("terminate called without an active exception").
+    del trainer
+    gc.collect()
     dist.destroy_process_group()
 
 

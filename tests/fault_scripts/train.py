@@ -9,6 +9,7 @@ DataLoader workers) at the step where training was told to stop.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -80,6 +82,10 @@ def main(output_dir: str, workdir: Path) -> None:
     result = {"step": trainer.state.global_step, "preempted": callback.preempted, "children": pace.children_at_stop,
               "wrapped": type(trainer.model_wrapped).__name__}
     (workdir / f"rank{rank}.json").write_text(json.dumps(result))
+    if distributed:
+        del trainer
+        gc.collect()  # free the DDP reducer, which holds the process group, before destroying it
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
