@@ -1,21 +1,21 @@
 """Checkpoint saving for the HuggingFace Trainer: correct under ZeRO-3, small for LoRA, never half-written."""
 
-from ._dist import CheckpointError
+from ._errors import CheckpointError
 from ._generation_config import default_generation_config, olmo_generation_config
-from ._io import latest_checkpoint
-from ._manifest import verify_checkpoint
+from ._readers import complete_checkpoints, latest_checkpoint, verify_checkpoint
 from .callback import CheckpointCallback
-from .strategies import FullModel, LoRAAdapter, ModelAttribute, SaveStrategy
+from .strategies import CheckpointStrategy, FullModel, LoRAAdapter, ModelAttribute
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointCallback",
     "CheckpointError",
+    "CheckpointStrategy",
     "FullModel",
     "LoRAAdapter",
     "ModelAttribute",
-    "SaveStrategy",
+    "complete_checkpoints",
     "default_generation_config",
     "latest_checkpoint",
     "olmo_generation_config",

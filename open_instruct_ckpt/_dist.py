@@ -9,17 +9,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-class CheckpointError(RuntimeError):
-    """A save could not be done; raised on every rank with the same message."""
+from ._errors import CheckpointError
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
 
 
 def _flag_device() -> torch.device:

@@ -1,16 +1,19 @@
-"""One save, start to finish: writer preflight, collective gather, atomic publish, retention.
+"""One save, in phases: writer checks -> collective gather and write -> publish -> best-effort clean-up.
 
-Every writer-side check that can fail runs before the first collective and its verdict is
-shared with all ranks, so a bad disk never leaves the other ranks waiting in a gather.
+Every writer-side check that can fail runs before the first collective and its verdict is shared
+with all ranks, so a bad disk never leaves the other ranks waiting in a gather. The rename into
+place is the commit point: after it nothing may stop training, so the clean-up phase (old copy,
+retention, leftovers of earlier clean-ups) only warns.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,117 +21,161 @@ from typing import Any
 from torch import nn
 
 from . import _generation_config, _io
-from ._dist import CheckpointError, raise_on_all_ranks
-from ._manifest import FORMAT, read_manifest
-from .strategies import SaveStrategy
+from ._dist import raise_on_all_ranks
+from ._errors import CheckpointError, explained
+from ._manifest import FINAL_NAME, FORMAT
+from ._readers import read_manifest
+from .strategies import CheckpointStrategy
 
 logger = logging.getLogger(__name__)
 
-# Tokenizer, config and manifest files are small next to the weights: a generous fixed allowance.
-_SMALL_FILES_ALLOWANCE = 64 * 1024 * 1024
+# Beyond the measured tokenizer and configs: safetensors headers, the manifest, PEFT's README.
+_SMALL_FILES_MARGIN = 256 * 1024
 _VERSIONED = ("open_instruct_ckpt", "torch", "transformers", "safetensors", "peft", "deepspeed", "accelerate")
+
+
+@dataclass
+class Run:
+    """Identifies the run in every manifest it writes: readers rank a later run's checkpoints newer."""
+
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started_unix: float = field(default_factory=time.time)
 
 
 @dataclass
 class SaveSettings:
     """What every save of one run shares, fixed when the callback is set up."""
 
-    strategy: SaveStrategy
+    strategy: CheckpointStrategy
     tokenizer: Any
     generation_config: _generation_config.GenerationConfigSpec
     output_dir: Path
     keep_last: int | None
+    run: Run = field(default_factory=Run)
+    small_files_bytes: int = _SMALL_FILES_MARGIN
+    reported_leftovers: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Staged:
+    directory: Path
+    generation_config: Any
 
 
 def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writer: bool) -> Path | None:
     """Collective: save `model` as `<output_dir>/<name>`; returns the path on the writer, None elsewhere."""
     started = time.perf_counter()
-    staging, generation_config, error = None, None, None
+    target = settings.output_dir / name
+    staged, error = None, None
     if is_writer:
         try:
-            generation_config = _generation_config.build(
-                settings.generation_config, settings.strategy.saved_module(model), settings.tokenizer
-            )
-            # Free space first: that check writes nothing, so a full disk leaves output_dir untouched.
-            # Creating the staging directory is the writability check; it too precedes every collective.
-            _raise_if(_io.free_space_problem(settings.output_dir, _needed_bytes(settings, model)))
-            staging = _io.create_staging(settings.output_dir, name)
+            staged = _prepare(settings, model, name)
         except Exception as exc:
-            error = _explained(exc, settings.output_dir / name)
+            error = explained(exc, target)
     raise_on_all_ranks(error)
-    path = None
+    published = None
     try:
-        report = settings.strategy.save(model, staging, generation_config)
+        report = settings.strategy.save(model, staged and staged.directory, staged and staged.generation_config)
         if is_writer:
-            settings.tokenizer.save_pretrained(str(staging))
-            manifest = _manifest(settings, name, step)
-            path = _io.publish(staging, settings.output_dir, name, manifest, known_sha256=report.sha256)
-            _log_saved(path, time.perf_counter() - started, report.peak_held_bytes)
-            _io.prune(settings.output_dir, settings.keep_last, just_saved=path)
+            settings.tokenizer.save_pretrained(str(staged.directory))
+            manifest = _io.seal(staged.directory, _manifest(settings, name, step), known_sha256=report.sha256)
+            published = _io.publish(staged.directory, settings.output_dir, name)
     except Exception as exc:
-        error = _explained(exc, settings.output_dir / name)
+        error = explained(exc, target)
         if is_writer:
-            _io.discard(staging)
+            _io.discard(staged.directory)
     raise_on_all_ranks(error)
-    return path
+    if not is_writer:
+        return None
+    written = sum(entry["bytes"] for entry in manifest["files"].values())
+    logger.info("Saved checkpoint %s: %d bytes in %.2f s (peak %d bytes held)",
+                published.path, written, time.perf_counter() - started, report.peak_held_bytes)
+    _clean_up(settings, published)
+    return published.path
 
 
-_FIXES = {
-    errno.ENOSPC: "free disk space (or lower keep_last) on that filesystem",
-    errno.EDQUOT: "free space within your disk quota (or lower keep_last)",
-    errno.EACCES: "fix the permissions of output_dir or choose another output_dir",
-    errno.EPERM: "fix the permissions of output_dir or choose another output_dir",
-    errno.EROFS: "choose an output_dir on a writable filesystem",
-}
-
-
-def _explained(exc: Exception, target: Path) -> Exception:
-    """An OSError becomes a CheckpointError naming the checkpoint, the failing path and the fix."""
-    if not isinstance(exc, OSError):
-        return exc
-    fix = _FIXES.get(exc.errno, "check the disk and the filesystem under output_dir (see the OS error)")
-    error = CheckpointError(
-        f"writing checkpoint {target} failed: {exc}. The temporary directory was removed and earlier "
-        f"checkpoints are untouched; {fix}, then restart (latest_checkpoint() finds the last complete one)"
+def _prepare(settings: SaveSettings, model: nn.Module, name: str) -> _Staged:
+    """Writer: the generation config, then free space (writes nothing), then the staging directory."""
+    generation_config = _generation_config.build(
+        settings.generation_config, settings.strategy.saved_module(model), settings.tokenizer
     )
-    error.__cause__ = exc
-    return error
+    needed, free = needed_bytes(settings, model), _io.free_bytes(settings.output_dir)
+    if free < needed:
+        raise CheckpointError(
+            f"not enough disk space in {settings.output_dir}: checkpoint {name} needs about {needed:,} bytes but "
+            f"only {free:,} are free; free some space, lower keep_last, or choose another output_dir"
+        )
+    return _Staged(_io.create_staging(settings.output_dir, name), generation_config)
 
 
 def link_final(settings: SaveSettings, source: Path | None, is_writer: bool) -> Path | None:
     """Collective (failure flag only): publish `final/` as hard links to the checkpoint `source`."""
-    path, error, staging = None, None, None
+    published, error, staging = None, None, None
     if is_writer:
         try:
-            source_manifest = read_manifest(source)
+            source_manifest = read_manifest(source) if source is not None else None
             if source_manifest is None:
                 raise CheckpointError(f"cannot link final/ to {source}: it is not a complete checkpoint")
-            staging = _io.create_staging(settings.output_dir, "final")
+            staging = _io.create_staging(settings.output_dir, FINAL_NAME)
             _io.hard_link_copy(source, staging)
-            manifest = {**source_manifest, "name": "final", "linked_from": source.name}
-            path = _io.publish(staging, settings.output_dir, "final", manifest, files=source_manifest["files"])
-            logger.info("Linked %s to %s (no new write)", path, source)
+            manifest = {**source_manifest, "name": FINAL_NAME, "linked_from": source.name}
+            manifest.pop("files")
+            _io.seal(staging, manifest, files=source_manifest["files"])
+            published = _io.publish(staging, settings.output_dir, FINAL_NAME)
         except Exception as exc:
-            error = exc
+            error = explained(exc, settings.output_dir / FINAL_NAME)
             _io.discard(staging)
     raise_on_all_ranks(error)
-    return path
+    if published is None:
+        return None
+    logger.info("Linked %s to %s (no new write)", published.path, source)
+    _clean_up(settings, published)
+    return published.path
 
 
-def startup_space_problem(settings: SaveSettings, model: nn.Module) -> str | None:
-    """Writer-local: None if `keep_last + 1` checkpoints fit (pruning follows a save), else what to do."""
-    copies = settings.keep_last + 1 if settings.keep_last is not None else 1
-    return _io.free_space_problem(settings.output_dir, copies * _needed_bytes(settings, model))
+def _clean_up(settings: SaveSettings, published: _io.Published) -> None:
+    """Writer, after the commit point: never raises; reports what it left behind, once per leftover."""
+    try:
+        left = _io.remove_quietly(published.aside) if published.aside is not None else []
+        left += _io.prune(settings.output_dir, settings.keep_last, just_saved=published.path)
+        left += _io.sweep(settings.output_dir)
+    except Exception as exc:  # the checkpoint is published: a clean-up bug must not end training
+        left = [f"{settings.output_dir} (clean-up failed: {type(exc).__name__}: {exc})"]
+    report_leftovers(settings, left)
 
 
-def _needed_bytes(settings: SaveSettings, model: nn.Module) -> int:
-    return settings.strategy.estimate_bytes(model) + _SMALL_FILES_ALLOWANCE
+def report_leftovers(settings: SaveSettings, left: list[str]) -> None:
+    new = [item for item in left if item not in settings.reported_leftovers]
+    settings.reported_leftovers.update(new)
+    if new:
+        logger.warning(
+            "Checkpoints are safe, but clean-up left behind: %s. Another process may hold these files open "
+            "(an evaluation job on NFS) or they sit on a mount point; they are retried at every save, or remove "
+            "them by hand (rm -rf PATH) once nothing uses them", "; ".join(new),
+        )
 
 
-def _raise_if(problem: str | None) -> None:
-    if problem:
-        raise CheckpointError(problem)
+# -- sizes --------------------------------------------------------------------------------------
 
+def needed_bytes(settings: SaveSettings, model: nn.Module) -> int:
+    """About what one checkpoint of `model` takes: weights plus the measured small files."""
+    return settings.strategy.estimate_bytes(model) + settings.small_files_bytes
+
+
+def measure_small_files(settings: SaveSettings, model: nn.Module) -> int:
+    """Bytes of the tokenizer and configs a checkpoint carries, measured by writing them to a temp dir."""
+    module = settings.strategy.saved_module(model)
+    with tempfile.TemporaryDirectory(prefix="open_instruct_ckpt-size-") as scratch:
+        settings.tokenizer.save_pretrained(scratch)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(scratch)
+        _generation_config.build(settings.generation_config, module, settings.tokenizer).save_pretrained(scratch)
+        measured = sum(p.stat().st_size for p in Path(scratch).rglob("*") if p.is_file())
+    return measured + _SMALL_FILES_MARGIN
+
+
+# -- the manifest --------------------------------------------------------------
 
 def _manifest(settings: SaveSettings, name: str, step: int) -> dict[str, Any]:
     return {
@@ -136,6 +183,8 @@ def _manifest(settings: SaveSettings, name: str, step: int) -> dict[str, Any]:
         "name": name,
         "step": step,
         "strategy": repr(settings.strategy),
+        "run_id": settings.run.id,
+        "run_started_unix": settings.run.started_unix,
         "versions": _versions(),
         "created_unix": time.time(),
     }
@@ -151,8 +200,3 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def _log_saved(path: Path, seconds: float, peak_held_bytes: int) -> None:
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    logger.info("Saved checkpoint %s: %d bytes in %.2f s (peak %d bytes held)", path, size, seconds, peak_held_bytes)

@@ -3,23 +3,43 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import SaveStrategy
 
-from . import _generation_config, _io, _save, _zero3
-from ._dist import CheckpointError, raise_on_all_ranks
+from . import _generation_config, _logging, _run, _save, _zero3
+from ._dist import raise_on_all_ranks
+from ._lock import RunLock
 from ._manifest import FINAL_NAME, step_name
 from ._preemption import DEFAULT_SIGNALS, PreemptionWatch
-from .strategies import FullModel, LoRAAdapter, ModelAttribute, SaveStrategy
+from .strategies import CheckpointStrategy
 
 logger = logging.getLogger(__name__)
 
 _FROM_ARGS = "save_total_limit"
-_STRATEGY_TYPES = (FullModel, LoRAAdapter, ModelAttribute)
+
+
+class _Held:
+    """What a run holds between `on_train_begin` and `on_train_end`: signal handlers and the lock.
+
+    `TrainerCallback` has no hook for a `train()` that raises, so these are also given back when
+    the next run starts, when the callback is garbage-collected, and by `CheckpointCallback.close()`.
+    """
+
+    def __init__(self, watch: PreemptionWatch) -> None:
+        self.watch = watch
+        self.lock: RunLock | None = None
+
+    def release(self) -> None:
+        self.watch.uninstall()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 class CheckpointCallback(TrainerCallback):
@@ -34,20 +54,23 @@ class CheckpointCallback(TrainerCallback):
             unless `args.save_only_model` (then they would only duplicate ours).
         keep_last: how many `step_<N>` checkpoints to keep; defaults to `args.save_total_limit`.
         preemption_signals: signals that make every rank save and stop at the next step.
+        existing_checkpoints: what a run starting at step 0 does with checkpoints an earlier run
+            left in output_dir: "error" (refuse before training) or "supersede" (replace and prune them).
     """
 
     def __init__(
         self,
-        strategy: SaveStrategy,
+        strategy: CheckpointStrategy,
         *,
         tokenizer: Any = None,
         generation_config: _generation_config.GenerationConfigSpec = None,
         output_dir: str | Path | None = None,
         trainer_checkpoints: bool | None = None,
         keep_last: int | None | str = _FROM_ARGS,
-        preemption_signals: Sequence[int] = DEFAULT_SIGNALS,
+        preemption_signals: Sequence[Any] = DEFAULT_SIGNALS,
+        existing_checkpoints: str = "error",
     ) -> None:
-        _check_arguments(strategy, output_dir, trainer_checkpoints, keep_last)
+        _check_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints)
         _generation_config.check_spec(generation_config)
         self.strategy = strategy
         self._tokenizer = tokenizer
@@ -55,11 +78,16 @@ class CheckpointCallback(TrainerCallback):
         self._output_dir = Path(output_dir) if output_dir is not None else None
         self._trainer_checkpoints = trainer_checkpoints
         self._keep_last = keep_last
-        self._preemption = PreemptionWatch(preemption_signals)
+        self._existing = existing_checkpoints
+        self._held = _Held(PreemptionWatch(preemption_signals))
+        weakref.finalize(self, self._held.release)
         self._settings: _save.SaveSettings | None = None
-        self._lock: _io.RunLock | None = None
         self._last_saved: tuple[int, Path | None] | None = None
         self.preempted = False
+
+    def close(self) -> None:
+        """Give back the signal handlers and the output_dir lock (done by `on_train_end` after a normal run)."""
+        self._held.release()
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -70,19 +98,26 @@ class CheckpointCallback(TrainerCallback):
             self._warn_if_trainer_gathers(args)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self.close()
         model = kwargs.get("model")
-        self._set_up(args, model, kwargs.get("processing_class"))
+        self._set_up(args, model, kwargs.get("processing_class"))  # every check before the lock is taken
         self._last_saved, self.preempted = None, False
-        problem = self._claim_output_dir(model) if args.should_save else None
+        error = None
+        if args.should_save:
+            try:
+                self._held.lock = _run.claim_output_dir(self._settings, model, state.global_step, self._existing)
+            except Exception as exc:
+                error = exc
         try:
-            raise_on_all_ranks(CheckpointError(problem) if problem else None)
-        except Exception:
-            self._stand_down()  # on_train_end will not run
+            raise_on_all_ranks(error)
+        except BaseException:
+            self.close()  # on_train_end will not run
             raise
-        self._preemption.install()
+        self._held.watch.install()
 
     def _set_up(self, args: TrainingArguments, model: nn.Module | None, processing_class: Any) -> None:
-        _check_training_arguments(args, self.keeps_trainer_checkpoints(args), self._preemption.signals)
+        _logging.follow_trainer(args)
+        _check_training_arguments(args, self.keeps_trainer_checkpoints(args), self._held.watch.signals)
         tokenizer = _resolve_tokenizer(self._tokenizer, processing_class)
         if model is None:
             raise ValueError("CheckpointCallback needs the model: use it through transformers.Trainer")
@@ -95,24 +130,10 @@ class CheckpointCallback(TrainerCallback):
             raise ValueError(f"output_dir {output_dir} is a file; pass a directory path as output_dir")
         self._settings = _save.SaveSettings(self.strategy, tokenizer, self._generation_config, output_dir, keep_last)
 
-    def _claim_output_dir(self, model: nn.Module) -> str | None:
-        output_dir = self._settings.output_dir
-        problem = _io.writable_problem(output_dir)
-        if problem:
-            return problem
-        self._lock = _io.RunLock(output_dir)
-        try:
-            self._lock.acquire()
-        except _io.RunLockHeld as exc:
-            self._lock = None
-            return str(exc)
-        _io.recover(output_dir)
-        return _save.startup_space_problem(self._settings, model)
-
     # -- when to save -------------------------------------------------------------------------
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self._preemption.agreed():
+        if self._held.watch.agreed():
             return self._save_for_preemption(args, state, control, kwargs["model"])
         if control.should_save:
             self._save_step(args, state, control, kwargs["model"])
@@ -128,21 +149,14 @@ class CheckpointCallback(TrainerCallback):
             if not self.preempted and state.global_step >= state.max_steps:
                 self._save_final(args, state, kwargs["model"])
         finally:
-            self._stand_down()
+            self.close()
         return control
-
-    def _stand_down(self) -> None:
-        """Uninstall the signal handlers and release the output_dir lock (end of run, or a failed one)."""
-        self._preemption.uninstall()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
 
     def _save_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module):
         try:
             path = _save.save(self._settings, model, step_name(state.global_step), state.global_step, args.should_save)
         except BaseException:
-            self._stand_down()  # train() ends with this error: no on_train_end will run
+            self.close()  # train() ends with this error: no on_train_end will run
             raise
         self._last_saved = (state.global_step, path)
         if not self.keeps_trainer_checkpoints(args):
@@ -192,31 +206,35 @@ class CheckpointCallback(TrainerCallback):
             )
 
 
-def _check_arguments(strategy: Any, output_dir: Any, trainer_checkpoints: Any, keep_last: Any) -> None:
-    if not isinstance(strategy, _STRATEGY_TYPES) and not isinstance(strategy, SaveStrategy):
+def _check_arguments(strategy: Any, output_dir: Any, trainer_checkpoints: Any, keep_last: Any, existing: Any) -> None:
+    if isinstance(strategy, type):
+        raise TypeError(f"CheckpointCallback got the class {strategy.__name__}; pass an instance: {strategy.__name__}()")
+    if not isinstance(strategy, CheckpointStrategy):
         raise TypeError(
             f"CheckpointCallback strategy={strategy!r} is not a save strategy; pass FullModel(), "
             "LoRAAdapter() or ModelAttribute('<name>')"
         )
-    if isinstance(strategy, type):
-        raise TypeError(f"CheckpointCallback got the class {strategy.__name__}; pass an instance: {strategy.__name__}()")
     if output_dir is not None and not isinstance(output_dir, (str, Path)):
         raise TypeError(f"output_dir={output_dir!r} must be a str or pathlib.Path")
     if trainer_checkpoints not in (None, True, False):
         raise TypeError(f"trainer_checkpoints={trainer_checkpoints!r} must be None (automatic), True or False")
     if keep_last != _FROM_ARGS:
         _check_keep_last(keep_last, "keep_last")
+    if existing not in _run.EXISTING_POLICIES:
+        raise ValueError(f"existing_checkpoints={existing!r} must be one of {_run.EXISTING_POLICIES}")
 
 
 def _check_keep_last(keep_last: Any, source: str) -> None:
     if keep_last is None:
         return
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int):
+        raise TypeError(f"{source}={keep_last!r} must be an int (at least 1), or None to keep every checkpoint")
+    if keep_last < 1:
         raise ValueError(f"{source}={keep_last!r}: keep at least 1 checkpoint, or None to keep them all")
 
 
 def _check_training_arguments(args: TrainingArguments, keeps_trainer: bool, signals: tuple) -> None:
-    if str(args.save_strategy) in ("best", "SaveStrategy.BEST"):
+    if args.save_strategy == SaveStrategy.BEST:
         raise ValueError(
             "save_strategy='best' is decided after evaluation, after this callback runs; use "
             "save_strategy='steps' or 'epoch' (the Trainer's load_best_model_at_end still picks the best)"

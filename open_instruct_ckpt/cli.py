@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ._manifest import complete_checkpoints, verify_checkpoint
+from ._readers import complete_checkpoints, verify_checkpoint
 
 
 def demo(out: Path, steps: int, save_steps: int) -> int:
@@ -35,6 +35,10 @@ def demo(out: Path, steps: int, save_steps: int) -> int:
 
 
 def list_checkpoints(output_dir: Path) -> int:
+    if not output_dir.is_dir():
+        what = "is not a directory" if output_dir.exists() else "does not exist"
+        print(f"open-instruct-ckpt list: {output_dir} {what}", file=sys.stderr)
+        return 2
     for path, manifest in complete_checkpoints(output_dir):
         size = sum(entry["bytes"] for entry in manifest["files"].values())
         print(f"{path.name:>12}  step {manifest['step']:>6}  {size:>12,} bytes  {len(manifest['files'])} files")

@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from huggingface_hub.serialization._base import parse_size_to_int
 from transformers import GenerationConfig, PreTrainedModel
 
 from ._shards import ShardWriter, plan_shards
@@ -31,7 +32,7 @@ class WriteReport:
 
 
 @runtime_checkable
-class SaveStrategy(Protocol):
+class CheckpointStrategy(Protocol):
     def check(self, model: nn.Module) -> None:
         """Raise a clear error if this strategy cannot save `model`. Local, no collectives."""
 
@@ -53,6 +54,20 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _check_shard_size(owner: str, value: object) -> None:
+    """Parse `max_shard_size` as `save_pretrained` does (huggingface_hub's parser), at construction."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{owner}(max_shard_size={value!r}): use an int of bytes or a size like '5GB'")
+    try:
+        size = value if isinstance(value, int) else parse_size_to_int(value)
+    except ValueError as exc:
+        raise ValueError(f"{owner}(max_shard_size={value!r}): {exc}; use a size like '5GB' or '500MB'") from None
+    if size <= 0:
+        raise ValueError(f"{owner}(max_shard_size={value!r}): must be positive, e.g. '5GB'")
+
+
 @dataclass(frozen=True)
 class FullModel:
     """The whole model in safetensors, loadable with `from_pretrained` of its class."""
@@ -60,10 +75,7 @@ class FullModel:
     max_shard_size: int | str | None = None
 
     def __post_init__(self) -> None:
-        if self.max_shard_size is not None and not isinstance(self.max_shard_size, (int, str)):
-            raise TypeError(f"FullModel(max_shard_size={self.max_shard_size!r}): use an int of bytes or a size like '5GB'")
-        if isinstance(self.max_shard_size, int) and self.max_shard_size <= 0:
-            raise ValueError(f"FullModel(max_shard_size={self.max_shard_size}): must be positive, e.g. '5GB'")
+        _check_shard_size("FullModel", self.max_shard_size)
 
     def check(self, model: nn.Module) -> None:
         if _is_peft(model):
@@ -107,6 +119,7 @@ class ModelAttribute:
                 f"ModelAttribute({self.name!r}): an attribute path is dot-separated Python names "
                 "(e.g. 'policy' or 'actor.model'), without path separators, '..' or empty parts"
             )
+        _check_shard_size("ModelAttribute", self.max_shard_size)
 
     def check(self, model: nn.Module) -> None:
         self.saved_module(model)

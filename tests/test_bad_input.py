@@ -6,7 +6,7 @@ import pytest
 
 from conftest import make_trainer
 from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, ModelAttribute, latest_checkpoint
-from open_instruct_ckpt._manifest import read_manifest, verify_checkpoint
+from open_instruct_ckpt._readers import read_manifest, verify_checkpoint
 
 
 @pytest.mark.parametrize("strategy,match", [
@@ -29,9 +29,15 @@ def test_missing_attribute(tmp_path, tokenizer, llama):
         make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(ModelAttribute("policy")))
 
 
-@pytest.mark.parametrize("keep_last", [0, -1, True, 1.5])
+@pytest.mark.parametrize("keep_last", [0, -1])
 def test_keep_last_below_one(keep_last):
     with pytest.raises(ValueError, match=rf"keep_last={keep_last!r}: keep at least 1 checkpoint, or None"):
+        CheckpointCallback(FullModel(), keep_last=keep_last)
+
+
+@pytest.mark.parametrize("keep_last", [True, 1.5, "3"])
+def test_keep_last_of_the_wrong_type_names_the_type(keep_last):
+    with pytest.raises(TypeError, match=rf"keep_last={keep_last!r} must be an int \(at least 1\), or None"):
         CheckpointCallback(FullModel(), keep_last=keep_last)
 
 

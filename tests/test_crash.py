@@ -30,6 +30,7 @@ def test_sigkill_after_every_file_operation_of_the_protocol(tmp_path):
         assert r["outcome"] == "killed", context
         assert r["problems"] == [] and r["reader_problems"] == [], context
         assert r["missing"] == [], f"{context}: a published checkpoint was lost"
+        assert not r["reader_modified"], f"{context}: a reader changed the output_dir"
         if r["k"] >= result["first_publish"]:
             assert r["latest"] is not None, context
         assert r["restart"] == "exited 0", context

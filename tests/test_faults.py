@@ -43,15 +43,17 @@ def fake_free(monkeypatch, free):
 
 def test_startup_needs_room_for_keep_last_plus_one(tmp_path, tokenizer, llama):
     before = trained(tmp_path, tokenizer, llama)
-    one_checkpoint = sum(p.stat().st_size for p in (tmp_path / "step_2").iterdir()) + 64 * 1024 * 1024
+    one_checkpoint = sum(p.stat().st_size for p in (tmp_path / "step_2").iterdir())
     monkeypatch = pytest.MonkeyPatch()
     fake_free(monkeypatch, lambda: 2 * one_checkpoint)  # room for 2, keep_last=2 needs 3
-    with pytest.raises(CheckpointError, match=r"not enough disk space in .*lower keep_last"):
-        make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), keep_last=2), max_steps=2).train()
+    again = dict(keep_last=2, existing_checkpoints="supersede")
+    with pytest.raises(CheckpointError, match=r"not enough disk space in .*room is reserved for 3 checkpoint\(s\) "
+                                              r"\(keep_last=2 checkpoints plus the next one.*lower keep_last"):
+        make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), **again), max_steps=2).train()
     monkeypatch.undo()
     assert snapshot(tmp_path) == before
     # the failed start released the lock: the next run in this process may use the directory
-    make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), keep_last=2), max_steps=2).train()
+    make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), **again), max_steps=2).train()
 
 
 def test_full_disk_at_a_save_writes_nothing(tmp_path, tokenizer, llama, monkeypatch):
@@ -95,7 +97,8 @@ def test_io_error_removes_only_the_temporary(tmp_path, tokenizer, llama, monkeyp
     before = snapshot(tmp_path)
     switch = {"on": False}
     inject(monkeypatch, switch, target, error_number, tmp_path)
-    trainer = make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel()), max_steps=2)
+    callback = CheckpointCallback(FullModel(), existing_checkpoints="supersede")
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=2)
     trainer.add_callback(FailFrom(2, switch))  # step_2 exists: this save replaces it
     with pytest.raises(CheckpointError, match=rf"writing checkpoint {tmp_path}/step_2 failed: .*{fix}") as info:
         trainer.train()

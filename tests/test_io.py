@@ -20,7 +20,8 @@ def test_startup_removes_only_our_temporaries_and_restores_orphans(tmp_path, tok
         (tmp_path / name).mkdir()
         (tmp_path / name / "x").write_text("x")
     (tmp_path / "notes.txt").write_text("keep")
-    make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel()), max_steps=2).train()
+    callback = CheckpointCallback(FullModel(), existing_checkpoints="supersede")
+    make_trainer(llama, tokenizer, tmp_path, callback, max_steps=2).train()
     names = {p.name for p in tmp_path.iterdir()}
     assert not names & set(ours) and ".old-step_5-0123456789ab" not in names
     assert set(theirs) | {"notes.txt", "step_5", "step_2", "final"} <= names
@@ -28,7 +29,7 @@ def test_startup_removes_only_our_temporaries_and_restores_orphans(tmp_path, tok
 
 def test_second_run_on_a_locked_output_dir_is_refused(tmp_path, tokenizer, llama):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from open_instruct_ckpt._io import RunLock; "
+        "import sys, time; from pathlib import Path; from open_instruct_ckpt._lock import RunLock; "
         f"lock = RunLock(Path({str(tmp_path)!r})); lock.acquire(); print('locked', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -23,7 +23,7 @@ import invariants  # noqa: E402
 import ops  # noqa: E402
 import scenarios  # noqa: E402
 
-from open_instruct_ckpt import latest_checkpoint  # noqa: E402
+from open_instruct_ckpt import complete_checkpoints, latest_checkpoint  # noqa: E402
 from open_instruct_ckpt._manifest import is_checkpoint_name  # noqa: E402
 
 
@@ -48,7 +48,8 @@ def in_child(work, output_dir: Path, crash_at: int | None, log_path: Path | None
 
 
 def expected_present(log: list, k: int) -> set[str]:
-    """Checkpoint names that must exist (after reader recovery) once the first k operations ran."""
+    """Checkpoint names readers must find once the first k operations ran (an orphaned `.old-` copy
+    stands in for its name until the next run renames it back)."""
     present: set[str] = set()
     for index, op, path, target in log[:k]:
         if op != "rename":
@@ -69,9 +70,12 @@ def check_k(run, restart, work: Path, k: int, log: list) -> dict:
     record["orphans"] = invariants.orphans(output_dir)
     record["problems"] = invariants.checkpoint_problems(output_dir)
     shutil.copytree(output_dir, reader_dir, symlinks=True)
+    before = invariants.listing(reader_dir)
     latest = latest_checkpoint(reader_dir)
     record["latest"] = latest.name if latest else None
-    record["missing"] = sorted(expected_present(log, k) - set(invariants.checkpoint_names(reader_dir)))
+    visible = {manifest["name"] for _, manifest in complete_checkpoints(reader_dir)}
+    record["missing"] = sorted(expected_present(log, k) - visible)
+    record["reader_modified"] = invariants.listing(reader_dir) != before
     record["reader_problems"] = invariants.checkpoint_problems(reader_dir)
     record["restart"] = in_child(restart, output_dir, None)
     record["after_restart_temporaries"] = invariants.temporaries(output_dir)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from open_instruct_ckpt._manifest import MANIFEST_NAME, is_checkpoint_name, read_manifest, verify_checkpoint
+from open_instruct_ckpt._manifest import MANIFEST_NAME, is_checkpoint_name
+from open_instruct_ckpt._readers import read_manifest, verify_checkpoint
 
 TEMPORARY_PREFIXES = (".tmp-", ".old-", ".trash-")
 _loaded_ok: set[str] = set()
@@ -15,6 +16,11 @@ _loaded_ok: set[str] = set()
 
 def temporaries(output_dir: Path) -> list[str]:
     return sorted(p.name for p in Path(output_dir).iterdir() if p.name.startswith(TEMPORARY_PREFIXES))
+
+
+def listing(output_dir: Path) -> list[tuple[str, int, int]]:
+    """Every path under `output_dir` with its inode and size: equal before and after a reader ran."""
+    return sorted((str(p), p.lstat().st_ino, p.lstat().st_size) for p in Path(output_dir).rglob("*"))
 
 
 def checkpoint_names(output_dir: Path) -> list[str]:

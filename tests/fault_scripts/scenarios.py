@@ -1,4 +1,7 @@
-"""Save sequences run by the crash tests: the callback's hooks driven directly, or a real Trainer."""
+"""Save sequences run by the crash tests: the callback's hooks driven directly, or a real Trainer.
+
+Every run restarts a killed job from scratch in the same output_dir, so it supersedes the earlier run's
+checkpoints (existing_checkpoints="supersede")."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def drive_callback(output_dir: Path, model, tokenizer, steps: list[int], max_ste
     """One 'run' through the callback's hooks as the Trainer calls them (no Trainer start-up cost)."""
     args, state, control = _args(output_dir, max_steps), TrainerState(), TrainerControl()
     state.max_steps = max_steps
-    callback = CheckpointCallback(FullModel(), keep_last=keep_last)
+    callback = CheckpointCallback(FullModel(), keep_last=keep_last, existing_checkpoints="supersede")
     hooks = dict(model=model, processing_class=tokenizer)
     callback.on_init_end(args, state, control, **hooks)
     callback.on_train_begin(args, state, control, **hooks)
@@ -54,7 +57,7 @@ def trainer_run(output_dir: Path, max_steps: int = 2, keep_last: int = 1, extra_
     trainer = Trainer(
         model=llama_model(tokenizer), args=_args(output_dir, max_steps), processing_class=tokenizer,
         train_dataset=TinyTextDataset(len(tokenizer), rows=1024),
-        callbacks=[CheckpointCallback(FullModel(), keep_last=keep_last), *extra_callbacks],
+        callbacks=[CheckpointCallback(FullModel(), keep_last=keep_last, existing_checkpoints="supersede"), *extra_callbacks],
     )
     trainer.train()
     return trainer
