@@ -127,51 +127,49 @@ def hard_link_copy(source: Path, staging: Path) -> None:
             shutil.copy2(path, destination)
 
 
-# -- best-effort clean-up: never raises, returns what it left behind ------------------------------
+# -- best-effort clean-up: never raises, returns {what it left behind: why} -----------------------
 
-def remove_quietly(path: Path) -> list[str]:
-    """Remove `path` without following symlinks; returns a description of whatever could not be removed."""
-    left: list[str] = []
+def remove_quietly(path: Path) -> str | None:
+    """Remove `path` without following symlinks; None when gone, else why it (or part of it) is still there."""
+    failures: list[str] = []
     try:
         if path.is_symlink() or not path.is_dir():
             path.unlink(missing_ok=True)
         else:
-            shutil.rmtree(path, onerror=lambda _f, failed, info: left.append(f"{failed} ({info[1]})"))
+            shutil.rmtree(path, onerror=lambda _f, failed, info: failures.append(f"{failed}: {info[1]}"))
     except OSError as exc:
-        left.append(f"{path} ({exc})")
-    return left
+        failures.append(str(exc))
+    return failures[0] if failures else None
 
 
-def prune(output_dir: Path, keep_last: int | None, just_saved: Path | None = None) -> list[str]:
-    """Delete the step checkpoints older than the `keep_last` newest; returns what was left behind.
+def prune(output_dir: Path, keep_last: int | None, just_saved: Path | None = None) -> dict[Path, str]:
+    """Move the step checkpoints older than the `keep_last` newest to the trash, for `sweep` to delete.
 
-    Newest means a later run, then a higher step (`complete_checkpoints` order). Never deletes
-    `final` nor `just_saved`.
+    Newest means a later run, then a higher step (`complete_checkpoints` order). Never touches
+    `final` nor `just_saved`. Returns the checkpoints that could not be moved, and why.
     """
     if keep_last is None:
-        return []
+        return {}
     steps = [path for path, _ in complete_checkpoints(output_dir) if is_checkpoint_name(path.name)
              and path.name != "final"]
-    left: list[str] = []
+    left: dict[Path, str] = {}
     for victim in [path for path in steps[: max(len(steps) - keep_last, 0)] if path != just_saved]:
         try:
-            trash = _move_aside(victim, "trash")
+            _move_aside(victim, "trash")
         except OSError as exc:
-            left.append(f"{victim} (not pruned: {exc})")
-            continue
-        left += remove_quietly(trash)
+            left[victim] = f"not pruned: {exc}"
     return left
 
 
-def sweep(output_dir: Path) -> list[str]:
-    """Retry removing leftovers of earlier clean-ups: `.trash-`, `.tmp-`, and `.old-` copies whose
-    checkpoint is back under its name. Orphaned `.old-` copies (name missing) are kept for `recover`."""
-    left: list[str] = []
+def sweep(output_dir: Path) -> dict[Path, str]:
+    """Remove leftovers of earlier saves and clean-ups: every `.tmp-`, `.trash-` and `.old-` entry,
+    except an orphaned `.old-` copy that `recover` can still rename back. Returns what stays, and why."""
+    left = {}
     for path in _temporaries(output_dir):
-        kind, name = TEMPORARY_PATTERN.fullmatch(path.name).groups()
-        if kind == "old" and not _superseded(output_dir, name):
-            continue
-        left += remove_quietly(path)
+        if not _orphan(output_dir, path):
+            reason = remove_quietly(path)
+            if reason:
+                left[path] = reason
     return left
 
 
@@ -182,23 +180,34 @@ def _temporaries(output_dir: Path) -> list[Path]:
         return []
 
 
-def _superseded(output_dir: Path, name: str) -> bool:
-    """An `.old-<name>` copy is superseded once a complete checkpoint is back under `<name>`."""
-    return read_manifest(output_dir / name) is not None and not (output_dir / name).is_symlink()
+def _orphan(output_dir: Path, path: Path) -> bool:
+    """A complete `.old-<name>` directory whose `<name>` is not a directory: a crash between the renames."""
+    kind, name = TEMPORARY_PATTERN.fullmatch(path.name).groups()
+    if kind != "old" or not is_checkpoint_name(name) or _is_real_dir(output_dir / name):
+        return False
+    return _is_real_dir(path) and read_manifest(path) is not None
 
 
-def recover(output_dir: Path) -> list[str]:
-    """Start-up, under the run lock: rename orphaned `.old-` copies back, then sweep. Never raises."""
-    for path in _temporaries(output_dir):
-        kind, name = TEMPORARY_PATTERN.fullmatch(path.name).groups()
-        target = output_dir / name
-        if kind == "old" and is_checkpoint_name(name) and not os.path.lexists(target) and read_manifest(path):
-            try:
-                os.rename(path, target)
-                fsync_path(output_dir)
-            except OSError as exc:
-                logger.warning("Could not restore %s to %s: %s", path, target, exc)
+def recover(output_dir: Path) -> dict[Path, str]:
+    """Start-up, under the run lock: rename orphaned `.old-` copies back, then sweep. Never raises.
+
+    An orphan is a complete `.old-<name>` copy whose `<name>` is not a directory (a crash between
+    the two renames); a file or symlink squatting on `<name>` is moved to the trash first.
+    """
+    for path in filter(lambda p: _orphan(output_dir, p), _temporaries(output_dir)):
+        target = output_dir / TEMPORARY_PATTERN.fullmatch(path.name).group(2)
+        try:
+            if os.path.lexists(target):
+                _move_aside(target, "trash")
+            os.rename(path, target)
+            fsync_path(output_dir)
+        except OSError as exc:
+            logger.warning("Could not restore %s to %s: %s", path, target, exc)
     return sweep(output_dir)
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
 # -- start-up checks (writer) ----------------------------------------------------------------------

@@ -134,10 +134,18 @@ def _schema_problem(manifest: Any) -> str | None:
     if not isinstance(files, dict) or not files:
         return "files is not a non-empty mapping of file names"
     for name, entry in files.items():
-        problem = _entry_problem(entry)
+        problem = _name_problem(name) or _entry_problem(entry)
         if problem:
             return f"file entry {name!r}: {problem}"
     return None if has_weights(files) else "no weight or adapter file is listed"
+
+
+def _name_problem(name: str) -> str | None:
+    try:
+        _parts(name)
+    except Unreadable as exc:
+        return str(exc)
+    return None
 
 
 def _entry_problem(entry: Any) -> str | None:
@@ -183,7 +191,7 @@ def _candidates(root: Path) -> list[tuple[str, Path]]:
             entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan]
     except OSError:
         return []
-    present = {name for name, _ in entries}
+    present = {name for name, is_dir in entries if is_dir}
     found = []
     for name, is_dir in entries:
         match = TEMPORARY_PATTERN.fullmatch(name)

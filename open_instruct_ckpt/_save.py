@@ -134,24 +134,27 @@ def link_final(settings: SaveSettings, source: Path | None, is_writer: bool) -> 
 
 
 def _clean_up(settings: SaveSettings, published: _io.Published) -> None:
-    """Writer, after the commit point: never raises; reports what it left behind, once per leftover."""
+    """Writer, after the commit point: never raises; reports what it left behind, once per leftover.
+
+    Pruning only moves checkpoints to the trash; the sweep then deletes the trash, the old copy
+    this save replaced, and whatever earlier clean-ups could not remove.
+    """
     try:
-        left = _io.remove_quietly(published.aside) if published.aside is not None else []
-        left += _io.prune(settings.output_dir, settings.keep_last, just_saved=published.path)
-        left += _io.sweep(settings.output_dir)
+        left = _io.prune(settings.output_dir, settings.keep_last, just_saved=published.path)
+        left.update(_io.sweep(settings.output_dir))
     except Exception as exc:  # the checkpoint is published: a clean-up bug must not end training
-        left = [f"{settings.output_dir} (clean-up failed: {type(exc).__name__}: {exc})"]
+        left = {settings.output_dir: f"clean-up failed: {type(exc).__name__}: {exc}"}
     report_leftovers(settings, left)
 
 
-def report_leftovers(settings: SaveSettings, left: list[str]) -> None:
-    new = [item for item in left if item not in settings.reported_leftovers]
-    settings.reported_leftovers.update(new)
+def report_leftovers(settings: SaveSettings, left: dict[Path, str]) -> None:
+    new = {path: why for path, why in left.items() if str(path) not in settings.reported_leftovers}
+    settings.reported_leftovers.update(str(path) for path in new)
     if new:
         logger.warning(
             "Checkpoints are safe, but clean-up left behind: %s. Another process may hold these files open "
             "(an evaluation job on NFS) or they sit on a mount point; they are retried at every save, or remove "
-            "them by hand (rm -rf PATH) once nothing uses them", "; ".join(new),
+            "them by hand (rm -rf PATH) once nothing uses them", "; ".join(f"{p} ({why})" for p, why in new.items()),
         )
 
 

@@ -1,6 +1,7 @@
 """Bad input is refused before training with a message naming the value and the fix; no pickles."""
 
 import os
+import signal
 
 import pytest
 
@@ -71,7 +72,81 @@ def test_manifest_paths_cannot_escape_and_symlinks_are_ignored(tmp_path, tokeniz
     (tmp_path / "secret").write_text("x")
     (step / "checkpoint.json").write_text(manifest.replace('"config.json"', '"../../secret"'))
     assert read_manifest(step) is None
-    assert "../../secret: path escapes the checkpoint directory" in verify_checkpoint(step)
+    assert "file entry '../../secret': path escapes the checkpoint directory" in verify_checkpoint(step)[0]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "step_99").symlink_to(tmp_path / "run" / "final")
     assert latest_checkpoint(tmp_path / "other") is None
+
+
+@pytest.mark.parametrize("strategy", [FullModel, lambda **kw: ModelAttribute("policy", **kw)])
+@pytest.mark.parametrize("size,error,match", [
+    ("5XB", ValueError, r"max_shard_size='5XB'\): Unit 'XB' not supported.*use a size like '5GB'"),
+    ("0GB", ValueError, r"max_shard_size='0GB'\): must be positive"),
+    ("-1GB", ValueError, r"max_shard_size='-1GB'\): must be positive"),
+    (True, TypeError, r"max_shard_size=True\): use an int of bytes or a size like '5GB'"),
+    (1.5, TypeError, r"max_shard_size=1.5\): use an int of bytes"),
+])
+def test_max_shard_size_is_parsed_at_construction(strategy, size, error, match):
+    with pytest.raises(error, match=match):
+        strategy(max_shard_size=size)
+
+
+def test_max_shard_size_accepts_what_save_pretrained_accepts():
+    assert FullModel(max_shard_size="500MB") and ModelAttribute("policy", max_shard_size="1.5GB")
+
+
+@pytest.mark.parametrize("signals,error,match", [
+    ((signal.SIGKILL,), ValueError, r"preemption_signals: SIGKILL cannot be caught.*use SIGTERM or SIGUSR1"),
+    (("SIGSTOP",), ValueError, r"SIGSTOP cannot be caught"),
+    (("SIGNOPE",), ValueError, r"preemption_signals: 'SIGNOPE' is not a signal"),
+    ((1.5,), ValueError, r"preemption_signals: 1.5 is not a signal"),
+    ("SIGUSR1", TypeError, r"preemption_signals='SIGUSR1' must be a tuple of signals"),
+    (signal.SIGUSR1, TypeError, r"must be a tuple of signals"),
+])
+def test_preemption_signals_are_checked_at_construction(signals, error, match):
+    with pytest.raises(error, match=match):
+        CheckpointCallback(FullModel(), preemption_signals=signals)
+
+
+def test_preemption_signals_accept_names_ints_and_members():
+    callback = CheckpointCallback(FullModel(), preemption_signals=("SIGUSR1", "usr2", int(signal.SIGTERM)))
+    assert callback._held.watch.signals == (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"max_new_token": 5}, r"generation_config has unknown fields \['max_new_token'\]; did you mean "
+                           r"'max_new_token' -> 'max_new_tokens'\?"),
+    ({"num_beams": 0}, r"generation config num_beams=0 must be an integer >= 1: generate\(\) would fail"),
+    ({"do_sample": True, "top_p": 1.5}, r"top_p=1.5 must be a number in \[0, 1\]"),
+    ({"eos_token_id": "x"}, r"generation config eos_token_id='x' must be a token id \(an int\) or a non-empty list"),
+    ({"eos_token_id": [2, None]}, r"eos_token_id=\[2, None\] must be a token id"),
+])
+def test_generation_config_dicts_are_checked_at_construction(spec, match):
+    with pytest.raises(ValueError, match=match):
+        CheckpointCallback(FullModel(), generation_config=spec)
+
+
+def test_generation_config_object_is_checked_against_generate_before_training(tmp_path, tokenizer, llama):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(num_beams=2)
+    config.num_beams = 0  # set after construction: only the build at on_init_end sees it
+    callback = CheckpointCallback(FullModel(), generation_config=config)
+    with pytest.raises(ValueError, match=r"num_beams=0 must be an integer >= 1"):
+        make_trainer(llama, tokenizer, tmp_path, callback)
+
+
+def test_existing_checkpoints_policy_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"existing_checkpoints='overwrite' must be one of \('error', 'supersede'\)"):
+        CheckpointCallback(FullModel(), existing_checkpoints="overwrite")
+
+
+def test_bad_argument_found_at_train_begin_takes_no_lock_and_installs_nothing(tmp_path, tokenizer, llama):
+    callback = CheckpointCallback(FullModel())
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback)
+    trainer.args.save_strategy = "best"  # changed after the Trainer was built: found again at on_train_begin
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ValueError, match=r"save_strategy='best' is decided after evaluation"):
+        trainer.train()
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not (tmp_path / ".open_instruct_ckpt.lock").exists()

@@ -107,3 +107,22 @@ def test_adapter_config_is_peft_format_with_generation_config(tmp_path, tokenize
 def test_non_peft_model_is_rejected(tmp_path, tokenizer, llama):
     with pytest.raises(TypeError, match=r"LoRAAdapter needs a peft.PeftModel, got LlamaForCausalLM"):
         make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(LoRAAdapter()))
+
+
+def test_save_reads_only_the_trainable_adapter_tensors(tmp_path, tokenizer, monkeypatch):
+    """What a save hands to the gather is what ZeRO-3/FSDP2 would materialise: never the frozen base."""
+    import open_instruct_ckpt.strategies as strategies
+
+    read = []
+    real = strategies.for_each_module_state
+
+    def spy(groups, consume):
+        read.extend(name for _, tensors in groups for name in tensors)
+        return real(groups, consume)
+
+    monkeypatch.setattr(strategies, "for_each_module_state", spy)
+    config = LoraConfig(r=RANK, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model, _ = train_lora(tmp_path, tokenizer, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert read and set(read) == trainable and len(read) == 2 * len(trainable)  # two saves, adapter only
+    assert all(".lora_A." in name or ".lora_B." in name for name in read)

@@ -56,3 +56,36 @@ def test_enable_jit_checkpoint_conflicts_with_our_handler(tmp_path, tokenizer, l
         make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel()), enable_jit_checkpoint=True)
     make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), preemption_signals=()),
                  enable_jit_checkpoint=True)
+
+
+class SignalAtStep(TrainerCallback):
+    def __init__(self, step, sig):
+        self.step, self.sig = step, sig
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+def test_signal_during_the_last_step_gives_step_n_and_no_final(tmp_path, tokenizer, llama):
+    callback = CheckpointCallback(FullModel(), preemption_signals=(signal.SIGUSR1,))
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=3, save_steps=100)
+    trainer.add_callback(SignalAtStep(3, signal.SIGUSR1))
+    trainer.train()
+    assert callback.preempted and trainer.state.global_step == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["step_3"]
+
+
+def test_watching_sigusr1_only_leaves_sigterm_untouched(tmp_path, tokenizer, llama):
+    seen = []
+
+    class Look(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)))
+
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1))
+    trainer = make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), preemption_signals=("SIGUSR1",)),
+                           max_steps=2)
+    trainer.add_callback(Look())
+    trainer.train()
+    assert all(term == before[0] and usr1 != before[1] for term, usr1 in seen)

@@ -22,7 +22,7 @@ def test_prune_orders_by_manifest_step_not_mtime_and_renames_aside(tmp_path, tok
     renames = []
     real_rename = os.rename
     monkeypatch.setattr(os, "rename", lambda a, b: (renames.append((str(a), str(b))), real_rename(a, b))[1])
-    assert prune(tmp_path, 2) == []  # nothing left behind
+    assert prune(tmp_path, 2) == {}  # nothing left unpruned; the victim waits in the trash for the sweep
     assert renames[0][0] == str(tmp_path / "step_1") and os.path.basename(renames[0][1]).startswith(".trash-step_1-")
     assert entries(tmp_path) == {"step_2", "step_3"}
 
