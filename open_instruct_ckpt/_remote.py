@@ -1,8 +1,8 @@
 """The upload target: an fsspec filesystem and a prefix, and the few operations uploads need.
 
-fsspec (and s3fs for `s3://`) is an optional extra, imported only when an upload target is set.
-Every object is checked after it is written: its size through `fs.info`, and its sha256 where
-the store reports one. On S3 objects under `SINGLE_PUT_BYTES` are sent in one PUT with
+fsspec is imported only when an upload target is set; s3fs, for `s3://`, is the optional extra
+`open_instruct_ckpt[s3]`. Every object is checked after it is written: its size (HEAD on S3,
+`fs.info` elsewhere), and its sha256 where the store reports one. On S3 objects under `SINGLE_PUT_BYTES` are sent in one PUT with
 `ChecksumAlgorithm="SHA256"`: S3 checks the body against that digest on receipt, and a HEAD
 afterwards must return the manifest's sha256. Larger objects go through s3fs's multipart upload,
 where S3 checks each part's CRC on receipt and only the size is compared afterwards. Other stores
@@ -101,26 +101,26 @@ class Remote:
             self.fs.makedirs(self.fs._parent(target), exist_ok=True)
 
     def verify(self, target: str, entry: dict[str, Any]) -> None:
-        self.fs.invalidate_cache(target)
-        size = self.fs.info(target)["size"]
+        size, sha256 = self._stored(target)
         if size != entry["bytes"]:
             raise UploadMismatch(f"{target}: {size} bytes stored, the manifest says {entry['bytes']}")
-        stored = self._stored_sha256(target)
-        if stored is not None and stored != entry["sha256"]:
-            raise UploadMismatch(f"{target}: the store's sha256 {stored} is not the manifest's {entry['sha256']}")
+        if sha256 is not None and sha256 != entry["sha256"]:
+            raise UploadMismatch(f"{target}: the store's sha256 {sha256} is not the manifest's {entry['sha256']}")
 
-    def _stored_sha256(self, target: str) -> str | None:
-        """The full-object sha256 the store reports, as hex; None where it reports none."""
+    def _stored(self, target: str) -> tuple[int, str | None]:
+        """The stored object's size, and its full-object sha256 (hex) where the store reports one."""
+        self.fs.invalidate_cache(target)
         if not self.is_s3:
-            return None
+            return self.fs.info(target)["size"], None
         bucket, key, _ = self.fs.split_path(target)
-        checksum = self.fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")
+        head = self.fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        checksum = head.get("ChecksumSHA256")
         if not checksum or "-" in checksum:  # absent, or a multipart checksum of part checksums
-            return None
+            return head["ContentLength"], None
         try:
-            return base64.b64decode(checksum, validate=True).hex()
+            return head["ContentLength"], base64.b64decode(checksum, validate=True).hex()
         except (binascii.Error, ValueError):
-            return None
+            return head["ContentLength"], None
 
     # -- reading and deleting --------------------------------------------------------------------
 

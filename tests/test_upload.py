@@ -4,6 +4,7 @@ Faults are injected by wrapping s3fs's one request method (`_call_s3`), which al
 order of requests; everything else is real: the server, the HTTP requests, the Trainer.
 """
 
+import base64
 import json
 import logging
 import subprocess
@@ -19,7 +20,7 @@ from moto.server import ThreadedMotoServer
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from conftest import entries, logits, make_trainer
-from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, verify_checkpoint
+from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, _remote, verify_checkpoint
 from open_instruct_ckpt._save import SaveSettings, save
 from open_instruct_ckpt._upload import Retry, Uploader
 
@@ -119,6 +120,9 @@ def test_run_uploads_every_checkpoint_manifest_last_and_the_download_loads(tmp_p
         assert touching[0] == ("delete_object", f"run/{name}/checkpoint.json")
         puts = [key for op, key in touching if op == "put_object"]
         assert puts[-1] == f"run/{name}/checkpoint.json" and puts.count(puts[-1]) == 1
+    head = bucket.client.head_object(Bucket=bucket.name, Key="run/final/model.safetensors", ChecksumMode="ENABLED")
+    manifest = json.loads((tmp_path / "out" / "final" / "checkpoint.json").read_text())
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == manifest["files"]["model.safetensors"]["sha256"]
     uploaded = [m for m in messages(caplog) if m.startswith("Uploaded ")]
     assert len(uploaded) == 3 and " bytes in " in uploaded[-1] and bucket.url() in uploaded[-1]
 
@@ -210,6 +214,21 @@ def test_an_object_stored_differently_from_the_manifest_is_uploaded_again(tmp_pa
     assert stored == (tmp_path / "step_2" / "model.safetensors").read_bytes()
     reason = "bytes stored, the manifest says" if damage == "truncate" else "the store's sha256"
     assert any("attempt 1 of 3 failed (UploadMismatch" in m and reason in m for m in messages(caplog))
+
+
+def test_objects_too_large_for_one_put_go_through_s3fs_and_are_checked_by_size(tmp_path, tokenizer, llama, bucket,
+                                                                               monkeypatch):
+    monkeypatch.setattr(_remote, "SINGLE_PUT_BYTES", 0)  # every file takes the path of multi-GB shards
+    callback = s3_callback(bucket)
+    calls = record_requests(monkeypatch, callback)
+    make_trainer(llama, tokenizer, tmp_path, callback, max_steps=2).train()
+    assert bucket.tree()["step_2"] == local_files(tmp_path / "step_2")
+    assert ("put_object", "run/step_2/model.safetensors") in calls
+    head = bucket.client.head_object(Bucket=bucket.name, Key="run/step_2/model.safetensors", ChecksumMode="ENABLED")
+    assert "ChecksumSHA256" not in head  # size is all that is compared for these
+    fs = callback._held.uploader.remote.fs
+    fs.get(f"{bucket.name}/run/step_2/", str(tmp_path / "download") + "/", recursive=True)
+    assert verify_checkpoint(tmp_path / "download") == []
 
 
 class DeleteBucket(TrainerCallback):
@@ -312,15 +331,29 @@ def test_bad_upload_options_are_refused_at_construction(tmp_path):
         CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_wait_s=0)
 
 
-def test_a_missing_extra_names_the_install_command(monkeypatch):
-    monkeypatch.setitem(sys.modules, "fsspec", None)  # fsspec cannot be uninstalled here
-    with pytest.raises(ImportError, match=r'pip install "open_instruct_ckpt\[s3\]"'):
-        CheckpointCallback(FullModel(), upload_to="s3://bucket/run")
+_WITHOUT_S3FS = """
+import sys
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("s3fs", "aiobotocore"):
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, NotInstalled())
+from open_instruct_ckpt import CheckpointCallback, FullModel
+CheckpointCallback(FullModel(), upload_to=sys.argv[1])  # a local target needs no extra
+try:
+    CheckpointCallback(FullModel(), upload_to="s3://bucket/run")
+except ImportError as exc:
+    print(exc)
+"""
 
 
-def test_importing_the_package_imports_no_s3_client():
-    code = "import sys, open_instruct_ckpt; print(sorted(m for m in ('s3fs', 'aiobotocore', 'moto') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+def test_without_the_s3_extra_the_package_imports_and_s3_urls_name_the_install_command(tmp_path):
+    """fsspec itself always comes with huggingface_hub; s3fs is the optional part."""
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_S3FS, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "upload_to='s3://bucket/run' needs the s3:// filesystem" in done.stdout
+    assert 'pip install "open_instruct_ckpt[s3]"' in done.stdout
 
 
 def test_a_local_target_inside_output_dir_is_refused(tmp_path, tokenizer, llama):
