@@ -2,11 +2,12 @@
 
 fsspec is imported only when an upload target is set; s3fs, for `s3://`, is the optional extra
 `open_instruct_ckpt[s3]`. Every object is checked after it is written: its size (HEAD on S3,
-`fs.info` elsewhere), and its sha256 where the store reports one. On S3 objects under `SINGLE_PUT_BYTES` are sent in one PUT with
-`ChecksumAlgorithm="SHA256"`: S3 checks the body against that digest on receipt, and a HEAD
-afterwards must return the manifest's sha256. Larger objects go through s3fs's multipart upload,
-where S3 checks each part's CRC on receipt and only the size is compared afterwards. Other stores
-(a local directory, `file://`) report no sha256: size only, nothing is downloaded again.
+`fs.info` elsewhere), and its sha256 where the store reports one. On S3, objects under
+`SINGLE_PUT_BYTES` are sent in one PUT with `ChecksumAlgorithm="SHA256"`: S3 checks the body
+against that digest on receipt, and the HEAD afterwards must return the manifest's sha256.
+Larger objects go through s3fs's multipart upload, where S3 checks each part's CRC on receipt
+and only the size is compared afterwards. Other stores (a local directory, `file://`) report no
+sha256: size only. Nothing is downloaded again.
 """
 
 from __future__ import annotations

@@ -70,7 +70,9 @@ class Uploader:
     def __init__(self, url: Any, storage_options: dict[str, Any] | None, wait_s: float | None) -> None:
         """Validate the target (raises TypeError/ValueError/ImportError); connects to nothing."""
         if wait_s is not None and (isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or wait_s <= 0):
-            raise ValueError(f"upload_wait_s={wait_s!r} must be a positive number of seconds, or None to wait as long as it takes")
+            raise ValueError(
+                f"upload_wait_s={wait_s!r} must be a positive number of seconds, or None to wait as long as it takes"
+            )
         self.remote = Remote(url, storage_options)
         self.wait_s = wait_s
         self.retry = Retry()
