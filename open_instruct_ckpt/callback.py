@@ -12,7 +12,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
-from . import _generation_config, _logging, _run, _save, _zero3
+from . import _generation_config, _logging, _run, _save, _upload, _zero3
 from ._dist import raise_on_all_ranks
 from ._lock import RunLock
 from ._manifest import FINAL_NAME, step_name
@@ -25,18 +25,21 @@ _FROM_ARGS = "save_total_limit"
 
 
 class _Held:
-    """What a run holds between `on_train_begin` and `on_train_end`: signal handlers and the lock.
+    """What a run holds between `on_train_begin` and `on_train_end`: signal handlers, the lock, the upload worker.
 
     `TrainerCallback` has no hook for a `train()` that raises, so these are also given back when
     the next run starts, when the callback is garbage-collected, and by `CheckpointCallback.close()`.
     """
 
-    def __init__(self, watch: PreemptionWatch) -> None:
+    def __init__(self, watch: PreemptionWatch, uploader: _upload.Uploader | None) -> None:
         self.watch = watch
         self.lock: RunLock | None = None
+        self.uploader = uploader
 
     def release(self) -> None:
         self.watch.uninstall()
+        if self.uploader is not None:
+            self.uploader.stop()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -56,6 +59,10 @@ class CheckpointCallback(TrainerCallback):
         preemption_signals: signals that make every rank save and stop at the next step.
         existing_checkpoints: what a run starting at step 0 does with checkpoints an earlier run
             left in output_dir: "error" (refuse before training) or "supersede" (replace and prune them).
+        upload_to: an fsspec URL ("s3://bucket/prefix") or a local path; rank 0 uploads every published
+            checkpoint there in the background, manifest last (needs `pip install "open_instruct_ckpt[s3]"`).
+        upload_storage_options: fsspec options for `upload_to` (for S3: `key`, `secret`, `client_kwargs`).
+        upload_wait_s: how long train end waits for the last uploads; None waits as long as they take.
     """
 
     def __init__(
@@ -69,6 +76,9 @@ class CheckpointCallback(TrainerCallback):
         keep_last: int | None | str = _FROM_ARGS,
         preemption_signals: Sequence[Any] = DEFAULT_SIGNALS,
         existing_checkpoints: str = "error",
+        upload_to: str | Path | None = None,
+        upload_storage_options: dict[str, Any] | None = None,
+        upload_wait_s: float | None = 3600.0,
     ) -> None:
         _check_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints)
         _generation_config.check_spec(generation_config)
@@ -79,14 +89,15 @@ class CheckpointCallback(TrainerCallback):
         self._trainer_checkpoints = trainer_checkpoints
         self._keep_last = keep_last
         self._existing = existing_checkpoints
-        self._held = _Held(PreemptionWatch(preemption_signals))
+        uploader = _upload.Uploader(upload_to, upload_storage_options, upload_wait_s) if upload_to is not None else None
+        self._held = _Held(PreemptionWatch(preemption_signals), uploader)
         weakref.finalize(self, self._held.release)
         self._settings: _save.SaveSettings | None = None
         self._last_saved: tuple[int, Path | None] | None = None
         self.preempted = False
 
     def close(self) -> None:
-        """Give back the signal handlers and the output_dir lock (done by `on_train_end` after a normal run)."""
+        """Give back the signal handlers and the output_dir lock, stop uploading (done by `on_train_end`)."""
         self._held.release()
 
     # -- set-up -------------------------------------------------------------------------------
@@ -106,6 +117,8 @@ class CheckpointCallback(TrainerCallback):
         if args.should_save:
             try:
                 self._held.lock = _run.claim_output_dir(self._settings, model, state.global_step, self._existing)
+                if self._held.uploader is not None and args.process_index == 0:
+                    self._held.uploader.open(self._settings.output_dir, self._settings.keep_last)
             except Exception as exc:
                 error = exc
         try:
@@ -147,7 +160,9 @@ class CheckpointCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         try:
             if not self.preempted and state.global_step >= state.max_steps:
-                self._save_final(args, state, kwargs["model"])
+                self._upload(self._save_final(args, state, kwargs["model"]))
+            if self._held.uploader is not None:
+                self._held.uploader.finish()
         finally:
             self.close()
         return control
@@ -159,6 +174,7 @@ class CheckpointCallback(TrainerCallback):
             self.close()  # train() ends with this error: no on_train_end will run
             raise
         self._last_saved = (state.global_step, path)
+        self._upload(path)
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False
 
@@ -173,11 +189,16 @@ class CheckpointCallback(TrainerCallback):
         logger.warning("Preemption signal received: saved step %d and stopping training", state.global_step)
         return control
 
-    def _save_final(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+    def _save_final(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> Path | None:
         if self._saved_at(state.global_step):
-            _save.link_final(self._settings, self._last_saved[1], args.should_save)
-        else:
-            _save.save(self._settings, model, FINAL_NAME, state.global_step, args.should_save)
+            return _save.link_final(self._settings, self._last_saved[1], args.should_save)
+        return _save.save(self._settings, model, FINAL_NAME, state.global_step, args.should_save)
+
+    def _upload(self, published: Path | None) -> None:
+        """Queue a checkpoint just published on this rank, when this rank uploads (rank 0 with upload_to)."""
+        uploader = self._held.uploader
+        if published is not None and uploader is not None and uploader.is_open:
+            uploader.enqueue(published)
 
     def _saved_at(self, step: int) -> bool:
         return self._last_saved is not None and self._last_saved[0] == step

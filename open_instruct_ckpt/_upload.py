@@ -1,0 +1,258 @@
+"""Background uploads of published checkpoints to an fsspec target, manifest last.
+
+The writer hands each published checkpoint to an `Uploader`, whose one worker thread (the only
+thread it adds) copies it to `<upload_to>/<name>/`:
+ 1. the remote `checkpoint.json` is deleted first, so a replaced checkpoint never looks complete
+    while its files are being overwritten;
+ 2. every file the local manifest lists is uploaded and checked (see `_remote.py`); objects the
+    manifest does not list are deleted;
+ 3. the manifest is uploaded last: a remote reader that finds it finds every file.
+Each checkpoint is re-read through its manifest before and after, so one pruned or replaced
+locally in the meantime is skipped (a replacement is queued by its own save). Failed attempts are
+retried with bounded exponential backoff, then reported; a failed checkpoint is tried again with
+the next one. After each upload, remote checkpoints that no longer exist locally are deleted
+(only when `keep_last` prunes locally). Nothing here raises into training or touches local files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._manifest import MANIFEST_NAME
+from ._readers import complete_checkpoints, read_manifest
+from ._remote import Remote
+
+logger = logging.getLogger(__name__)
+
+_JOIN_S = 10.0
+
+
+@dataclass
+class Retry:
+    """`tries` attempts per checkpoint; waits `first_delay_s`, doubling, at most `max_delay_s` between them."""
+
+    tries: int = 5
+    first_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def delay(self, failed_attempts: int) -> float:
+        return min(self.first_delay_s * 2 ** (failed_attempts - 1), self.max_delay_s)
+
+
+class _Skip(Exception):
+    """The local checkpoint is gone or was replaced: nothing of it is to be uploaded now."""
+
+
+class _Stopped(Exception):
+    """`stop()` was called while uploading."""
+
+
+@dataclass
+class _Job:
+    name: str
+    path: Path
+    stop: threading.Event
+    manifest_bytes: bytes = b""
+    done: set[str] = field(default_factory=set)
+
+
+class Uploader:
+    """Uploads checkpoints in the background. Writer-only (rank 0); every method but `open` never raises."""
+
+    def __init__(self, url: Any, storage_options: dict[str, Any] | None, wait_s: float | None) -> None:
+        """Validate the target (raises TypeError/ValueError/ImportError); connects to nothing."""
+        if wait_s is not None and (isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or wait_s <= 0):
+            raise ValueError(
+                f"upload_wait_s={wait_s!r} must be a positive number of seconds, or None to wait as long as it takes"
+            )
+        self.remote = Remote(url, storage_options)
+        self.wait_s = wait_s
+        self.retry = Retry()
+        self._cond = threading.Condition()
+        self._pending: OrderedDict[str, Path] = OrderedDict()
+        self._failed: dict[str, tuple[Path, str]] = {}
+        self._busy = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._output_dir: Path | None = None
+        self._keep_last: int | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._output_dir is not None
+
+    def open(self, output_dir: Path, keep_last: int | None) -> None:
+        """on_train_begin, writer: check the target is writable (raises CheckpointError naming the fix)."""
+        self.stop()
+        local = self.remote.local_root()
+        if local is not None and _within(local, output_dir):
+            raise ValueError(
+                f"upload_to={self.remote.url!r} is output_dir {output_dir} or inside it; choose a directory outside it"
+            )
+        self.remote.check_writable()
+        self._output_dir, self._keep_last = output_dir, keep_last
+        self._stop = threading.Event()
+        self._failed.clear()
+
+    def enqueue(self, path: Path) -> None:
+        """Queue a published checkpoint (and again any that failed before); returns at once."""
+        with self._cond:
+            for name, (failed_path, _) in self._failed.items():
+                self._pending.setdefault(name, failed_path)
+            self._pending.pop(path.name, None)
+            self._pending[path.name] = path
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="open_instruct_ckpt-upload", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        """Train end: wait, at most `wait_s`, for the queue to drain; then report what is not uploaded."""
+        if not self.is_open:
+            return
+        with self._cond:
+            drained = self._cond.wait_for(lambda: not self._pending and not self._busy, self.wait_s)
+            pending, failed = list(self._pending), dict(self._failed)
+        if not drained:
+            logger.warning(
+                "Uploads to %s did not finish within upload_wait_s=%s s; abandoned: %s (and the one in progress). "
+                "The local checkpoints are complete: copy them by hand, checkpoint.json last",
+                self.remote.url, self.wait_s, ", ".join(pending) or "none queued",
+            )
+        if failed:
+            logger.warning(
+                "Not uploaded to %s: %s. The local checkpoints are complete and untouched; copy them by hand, "
+                "checkpoint.json last", self.remote.url,
+                "; ".join(f"{name} ({reason})" for name, (_, reason) in failed.items()),
+            )
+        elif drained:
+            logger.info("Every checkpoint is uploaded to %s", self.remote.url)
+
+    def stop(self) -> None:
+        """Stop the worker between two files (an unfinished upload has no remote manifest)."""
+        self._stop.set()
+        with self._cond:
+            self._pending.clear()
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_S)
+        self._thread, self._output_dir = None, None
+
+    # -- the worker --------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        stop = self._stop
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or stop.is_set())
+                if stop.is_set():
+                    return
+                name, path = self._pending.popitem(last=False)
+                self._busy = True
+            try:
+                self._upload_with_retries(_Job(name, path, stop))
+            except BaseException as exc:  # never let the worker die silently
+                self._fail(name, path, exc)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _upload_with_retries(self, job: _Job) -> None:
+        for attempt in range(1, self.retry.tries + 1):
+            try:
+                self._attempt(job)
+                return
+            except _Stopped:
+                return
+            except Exception as exc:
+                if isinstance(exc, _Skip) or read_manifest(job.path) is None:
+                    logger.debug("Not uploading %s: pruned or replaced locally meanwhile", job.path)
+                    with self._cond:
+                        self._failed.pop(job.name, None)  # a replacement is queued by its own save
+                    return
+                if attempt == self.retry.tries:
+                    self._fail(job.name, job.path, exc)
+                    return
+                delay = self.retry.delay(attempt)
+                logger.info("Upload of %s: attempt %d of %d failed (%s: %s); retrying in %.1f s",
+                            job.path, attempt, self.retry.tries, type(exc).__name__, exc, delay)
+                if job.stop.wait(delay):
+                    return
+
+    def _attempt(self, job: _Job) -> None:
+        started = time.perf_counter()
+        manifest_bytes, manifest = _read_manifest(job.path)
+        if manifest_bytes != job.manifest_bytes:  # first attempt, or replaced since the last one
+            job.manifest_bytes, job.done = manifest_bytes, set()
+        self.remote.remove(f"{job.name}/{MANIFEST_NAME}")
+        sent = 0
+        for relative, entry in sorted(manifest["files"].items()):
+            if relative not in job.done:
+                if job.stop.is_set():
+                    raise _Stopped
+                self.remote.put_file(job.path / relative, f"{job.name}/{relative}", entry)
+                job.done.add(relative)
+                sent += entry["bytes"]
+        for extra in sorted(self.remote.files_of(job.name) - set(manifest["files"]) - {MANIFEST_NAME}):
+            self.remote.remove(f"{job.name}/{extra}")
+        if _read_manifest(job.path)[0] != manifest_bytes:
+            raise _Skip  # replaced while uploading: its own save queued the replacement
+        entry = {"bytes": len(manifest_bytes), "sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+        self.remote.put_bytes(f"{job.name}/{MANIFEST_NAME}", manifest_bytes, entry)
+        logger.info("Uploaded %s to %s: %d bytes in %.2f s", job.path, self.remote.url,
+                    sent + len(manifest_bytes), time.perf_counter() - started)
+        with self._cond:
+            self._failed.pop(job.name, None)
+        self._prune_remote()
+
+    def _fail(self, name: str, path: Path, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        with self._cond:
+            self._failed[name] = (path, reason)
+        logger.warning(
+            "Uploading %s to %s failed after %d attempts (%s). Training goes on and the local checkpoint is "
+            "untouched; the upload is tried again after the next save and reported at train end",
+            path, self.remote.url, self.retry.tries, reason,
+        )
+
+    def _prune_remote(self) -> None:
+        """Delete remote checkpoints that `keep_last` pruned locally; best-effort, retried after each upload."""
+        if self._keep_last is None or self._output_dir is None:
+            return
+        local = {manifest.get("name") for _, manifest in complete_checkpoints(self._output_dir)}
+        try:
+            with self._cond:
+                queued = set(self._pending)
+            for name in sorted(self.remote.checkpoint_names() - local - queued):
+                self.remote.remove_checkpoint(name)
+                logger.info("Removed %s from %s: it no longer exists locally (keep_last)", name, self.remote.url)
+        except Exception as exc:
+            logger.warning("Pruning old checkpoints under %s failed (%s: %s); retried after the next upload",
+                           self.remote.url, type(exc).__name__, exc)
+
+
+def _read_manifest(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The local manifest's bytes and content, if `path` is a complete checkpoint; raises _Skip otherwise."""
+    manifest = read_manifest(path)
+    try:
+        data = (path / MANIFEST_NAME).read_bytes()
+        same = manifest is not None and json.loads(data) == manifest
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise _Skip
+    return data, manifest
+
+
+def _within(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
