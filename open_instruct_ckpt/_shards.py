@@ -2,7 +2,7 @@
 
 The plan is what `PreTrainedModel.save_pretrained` would produce for the same model and
 `max_shard_size` (same tied-weight removal, same reverted weight names, same `weight_map`),
-computed from stored shapes so it needs no ZeRO-3 gather.
+computed from stored shapes so it needs no gather (ZeRO-3 or FSDP2).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers.core_model_loading import PrefixChange, revert_weight_conversi
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from . import _safetensors
-from ._zero3 import own_state, stored_numel, stored_shape
+from ._gather import own_state, stored_numel, stored_shape
 
 WEIGHTS_PATTERN = "model{suffix}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

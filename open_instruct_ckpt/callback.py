@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from . import _generation_config, _io, _save, _zero3
+from . import _gather, _generation_config, _io, _save
 from ._dist import CheckpointError, raise_on_all_ranks
 from ._manifest import FINAL_NAME, step_name
 from ._preemption import DEFAULT_SIGNALS, PreemptionWatch
@@ -184,12 +184,9 @@ class CheckpointCallback(TrainerCallback):
         return "Trainer checkpoints (checkpoint-N, for resume) are kept beside ours: save_only_model=False"
 
     def _warn_if_trainer_gathers(self, args: TrainingArguments) -> None:
-        if self.keeps_trainer_checkpoints(args) and _zero3.trainer_gathers_full_model(args):
-            logger.warning(
-                "stage3_gather_16bit_weights_on_model_save=true makes the Trainer gather the whole model on "
-                "rank 0 for its own checkpoints; set it to false: the Trainer then writes sharded, resumable "
-                "state from every rank and this callback writes the HF weights"
-            )
+        if self.keeps_trainer_checkpoints(args):
+            for message in _gather.trainer_checkpoint_warnings(args):
+                logger.warning(message)
 
 
 def _check_arguments(strategy: Any, output_dir: Any, trainer_checkpoints: Any, keep_last: Any) -> None:

@@ -1,6 +1,6 @@
 """What to save: one class per kind of checkpoint.
 
-Rank contract shared by every strategy: `save` is called on every rank (ZeRO-3 gathering is
+Rank contract shared by every strategy: `save` is called on every rank (gathering a sharded model is
 collective); `directory` is the writer's staging directory and None on every other rank,
 which then only takes part in the gathers and keeps no state dict.
 """
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
+from ._gather import for_each_module_state, own_state, stored_nbytes
 from ._shards import ShardWriter, plan_shards
-from ._zero3 import for_each_module_state, own_state, stored_nbytes
 
 
 @dataclass

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from open_instruct_ckpt import FullModel
+from open_instruct_ckpt._gather import stored_nbytes
 from open_instruct_ckpt._shards import INDEX_NAME, plan_shards
-from open_instruct_ckpt._zero3 import stored_nbytes
 from open_instruct_ckpt.tiny import llama_model, olmo_model
 
 SHARD_BYTES = 20_000  # the tiny models are ~100 KB: several shards

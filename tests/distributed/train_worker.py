@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
-from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _safetensors, _zero3
+from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _gather, _safetensors, _zero3
 from open_instruct_ckpt._shards import plan_shards
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
 
@@ -152,7 +152,7 @@ def training_args(opts: argparse.Namespace):
 # -- in-run recording -----------------------------------------------------------------------------
 
 def _gathered_live(params: list[nn.Parameter]):
-    partitioned = [p for p in params if _zero3.is_partitioned(p)]
+    partitioned = [p for p in params if _zero3.is_sharded(p)]
     if not partitioned:
         return contextlib.nullcontext()
     import deepspeed
@@ -177,7 +177,7 @@ class Recorder(TrainerCallback):
         self.opts, self.report = opts, report
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.report["partitioned_params"] = sum(_zero3.is_partitioned(p) for p in model.parameters())
+        self.report["partitioned_params"] = sum(_gather.is_sharded(p) for p in model.parameters())
         self.report["params"] = sum(1 for _ in model.parameters())
         if not args.should_save:
             self.report["rlimit_probe"] = forbid_file_writes(self.opts.out / "reports" / f"probe{dist.get_rank()}")
@@ -224,15 +224,13 @@ class Reference(TrainerCallback):
 def spy_on_gathers(model: nn.Module, gathered: list) -> None:
     """Record the name and full size of every parameter our library gathers (then gather for real)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    real = _zero3._gathered
+    real = _zero3.gathered
 
-    def recording(params):
-        for p in params:
-            if _zero3.is_partitioned(p):
-                gathered.append([names.get(id(p), "?"), _zero3.stored_nbytes(p)])
-        return real(params)
+    def recording(tensors, keep):
+        gathered.extend([names.get(id(t), "?"), _gather.stored_nbytes(t)] for t in tensors.values())
+        return real(tensors, keep)
 
-    _zero3._gathered = recording
+    _zero3.gathered = recording
 
 
 class Recording:
@@ -290,7 +288,7 @@ def set_up_processes(opts: argparse.Namespace, report: dict) -> int:
 
 def record_plan(report: dict, strategy, model: nn.Module, max_shard_size) -> None:
     plan = plan_shards(strategy.saved_module(model), max_shard_size)
-    report["largest_group_bytes"] = max(sum(_zero3.stored_nbytes(t) for t in own.values()) for _, own in plan.groups)
+    report["largest_group_bytes"] = max(sum(_gather.stored_nbytes(t) for t in own.values()) for _, own in plan.groups)
     report["model_bytes"] = plan.total_bytes
 
 
@@ -304,7 +302,7 @@ def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: 
     spy_on_gathers(model, gathered)
     report.update(
         should_save=args.should_save, world_size=args.world_size,
-        trainer_gathers_full_model=_zero3.trainer_gathers_full_model(args),
+        trainer_gathers_full_model=bool(_gather.trainer_checkpoint_warnings(args)),
     )
     if args.should_save and opts.strategy != "lora":
         record_plan(report, strategy, model, opts.max_shard_size)
