@@ -15,8 +15,8 @@ def full_disk(launched):
     # Trainer checkpoints kept with stage3_gather_16bit_weights_on_model_save=true: the init warning.
     return launched(
         "--strategy", "full", "--engine", "zero3", "--fail-free-space-at-step", "1",
-        "--gather-16bit", "--trainer-checkpoints",
-    ).check()
+        "--gather-16bit", "--trainer-checkpoints", "--expect-error",
+    ).check_expected_error()
 
 
 def test_writer_preflight_failure_raises_on_every_rank_quickly(full_disk):
@@ -40,7 +40,8 @@ def disk_fills_mid_save(launched):
     # Small shards: the first shard is written while later modules still have to be gathered.
     return launched(
         "--strategy", "full", "--engine", "zero3", "--max-shard-size", "20000", "--fail-shard-write-at-step", "1",
-    ).check()
+        "--expect-error",
+    ).check_expected_error()
 
 
 def test_write_failure_mid_gather_reaches_every_rank_after_all_gathers(disk_fills_mid_save):

@@ -6,12 +6,17 @@ CheckpointCallback, and writes what the tests check:
   <out>/reference/step_<N>.pt   rank 0: live tensors and logits at each save step
   <out>/reports/rank<R>.json    every rank: partitioning, gathers, audit of writes, errors
 Non-writer ranks run with RLIMIT_FSIZE=0 and an audit hook on the checkpoint directory.
+
+Exit status: 0 after a clean run; an unexpected error is re-raised (non-zero). With
+--expect-error, every rank writes its report, waits for the others, and exits EXPECTED_ERROR
+when it failed (UNEXPECTED_SUCCESS when it did not), so the test can read both reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import errno
 import gc
 import json
@@ -21,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -33,6 +39,7 @@ from open_instruct_ckpt._shards import plan_shards
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
 
 PROBE_IDS = [[5, 6, 7, 8, 9, 10, 11, 12]]
+EXPECTED_ERROR, UNEXPECTED_SUCCESS = 3, 4
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _PATH_EVENTS = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "shutil.rmtree": 1, "os.truncate": 1,
                 "os.rename": 2, "os.link": 2, "os.symlink": 2}
@@ -49,6 +56,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--trainer-checkpoints", action="store_true")
     parser.add_argument("--fail-free-space-at-step", type=int, default=None, help="rank 0 sees a full disk")
     parser.add_argument("--fail-shard-write-at-step", type=int, default=None, help="rank 0's disk fills mid-save")
+    parser.add_argument("--expect-error", action="store_true")
     return parser.parse_args()
 
 
@@ -282,7 +290,8 @@ def set_up_processes(opts: argparse.Namespace, report: dict) -> int:
 
     # Before TrainingArguments, or it computes world size 1 on CPU. Without DeepSpeed, cpu=True makes
     # it MULTI_CPU, so the Trainer really wraps the model in DistributedDataParallel.
-    PartialState(cpu=opts.engine == "ddp", backend="gloo")
+    # The process group's timeout (TrainingArguments' ddp_timeout comes too late to apply): a hang fails in 2 min.
+    PartialState(cpu=opts.engine == "ddp", backend="gloo", timeout=datetime.timedelta(seconds=120))
     return rank
 
 
@@ -318,20 +327,30 @@ def main() -> None:
     rank = set_up_processes(opts, report)
     capture_warnings(report)
     peaks, gathered = [], []
-    trainer = make_trainer(opts, report, peaks, gathered)
+    trainer, error = None, None
     try:
+        trainer = make_trainer(opts, report, peaks, gathered)
         trainer.train()
     except Exception as exc:  # reported for the tests to compare across ranks
-        report.update(error=f"{type(exc).__name__}: {exc}", error_at=time.time())
+        error = exc
+        report.update(error=f"{type(exc).__name__}: {exc}", error_at=time.time(), traceback=traceback.format_exc())
     finally:
         allow_file_writes()
-    report.update(rank=rank, peaks=peaks, gathered=gathered, wrapped=type(trainer.model_wrapped).__name__)
+    report.update(rank=rank, peaks=peaks, gathered=gathered)
+    if trainer is not None:
+        report.update(wrapped=type(trainer.model_wrapped).__name__)
     (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    if error is not None and not opts.expect_error:
+        raise error
     # The DDP reducer holds the process group: free it first, or the group can be torn down at
     # interpreter exit instead, where gloo once aborted ("terminate called without an active exception").
     del trainer
     gc.collect()
+    if opts.expect_error:  # torchrun stops the other rank when one exits non-zero: both reports first
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     dist.destroy_process_group()
+    if opts.expect_error:
+        sys.exit(EXPECTED_ERROR if error is not None else UNEXPECTED_SUCCESS)
 
 
 if __name__ == "__main__":
