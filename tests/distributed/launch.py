@@ -102,18 +102,48 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def build_deepspeed_op(timeout: float = 1200) -> None:
+    """Compile DeepSpeed's CPU shared-memory comm op (`deepspeed_shm_comm`) into TORCH_EXTENSIONS_DIR.
+
+    Every DeepSpeed launch loads it when its comm backend starts (deepspeed.comm.torch.build_shm_op);
+    the first build takes minutes on a loaded machine, so it is done here, outside any launch timeout.
+    """
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **ENV}, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"building deepspeed_shm_comm failed:\n{(done.stdout + done.stderr)[-4000:]}"
+
+
 _RUNS: dict[tuple[str, ...], Run] = {}
+_DEEPSPEED_ENGINES = ("zero2", "zero3")
 
 
 @pytest.fixture(scope="session")
-def launched(tmp_path_factory):
+def deepspeed_op():
+    """`deepspeed_op()` builds the DeepSpeed op (or finds it cached) once per session, before a timed launch needs it."""
+    built: list[bool] = []
+
+    def ensure() -> None:
+        if not built:
+            build_deepspeed_op()
+            built.append(True)
+
+    return ensure
+
+
+@pytest.fixture(scope="session")
+def launched(tmp_path_factory, deepspeed_op):
     """`launched(*worker_args)` -> the finished Run; the same arguments reuse the first launch of the session.
 
-    Import it into a test module (`from launch import launched`); there is deliberately no
-    conftest.py here, because the tests import helpers `from conftest` (the one in tests/).
+    Import it and the fixture it uses into a test module (`from launch import deepspeed_op, launched`);
+    there is deliberately no conftest.py here, because the tests import helpers `from conftest`
+    (the one in tests/).
     """
 
     def run(*worker_args: str) -> Run:
+        engine = worker_args[worker_args.index("--engine") + 1] if "--engine" in worker_args else "zero3"
+        if engine in _DEEPSPEED_ENGINES:
+            deepspeed_op()
         if worker_args not in _RUNS:
             _RUNS[worker_args] = launch(tmp_path_factory.mktemp("launch"), *worker_args)
             print(f"launch {' '.join(worker_args)}: {_RUNS[worker_args].seconds:.1f} s")

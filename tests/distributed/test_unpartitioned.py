@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import checks
-from launch import launched  # noqa: F401 (fixture)
+from launch import deepspeed_op, launched  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.distributed
 

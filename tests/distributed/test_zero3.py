@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import checks
-from launch import launched  # noqa: F401 (fixture)
+from launch import deepspeed_op, launched  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.distributed
 SHARD_BYTES = "30000"  # ~96 KB model: 4 shards

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch import launched  # noqa: F401 (fixture)
+from launch import deepspeed_op, launched  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.distributed
 
