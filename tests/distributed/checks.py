@@ -35,6 +35,15 @@ def not_partitioned(run: Run) -> None:
         assert report["gathered"] == []
 
 
+def gathers_module_by_module(run: Run, saves: int = len(SAVE_STEPS)) -> None:
+    """Each engine gather materialised at most the largest module; together, the whole model once per save."""
+    largest, model_bytes = run.report(0)["largest_group_bytes"], run.report(0)["model_bytes"]
+    for rank in (0, 1):
+        sizes = run.report(rank)["gather_bytes"]
+        assert sizes and 0 < max(sizes) <= largest < model_bytes, (max(sizes), largest, model_bytes)
+        assert sum(sizes) == saves * model_bytes
+
+
 def full_model_matches_live(run: Run, step: int, loader=AutoModelForCausalLM) -> torch.Tensor:
     """Load `step_<N>` with the stock loader; its tensors and logits equal the live model's at that step."""
     reference = run.reference(step)

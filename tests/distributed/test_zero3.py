@@ -46,6 +46,11 @@ def test_full_model_streams_shards_within_one_shard_plus_largest_module(full):
     assert max(writer["peaks"]) < writer["model_bytes"]
 
 
+@pytest.mark.parametrize("run", ["full", "attribute"])
+def test_gathers_one_module_at_a_time(run, request):
+    checks.gathers_module_by_module(request.getfixturevalue(run))
+
+
 def test_lora_adapter_equals_live_trainable_tensors(lora):
     checks.partitioned(lora)
     for step in checks.SAVE_STEPS:

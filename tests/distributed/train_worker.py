@@ -21,9 +21,7 @@ import errno
 import gc
 import json
 import os
-import resource
 import shutil
-import signal
 import sys
 import time
 import traceback
@@ -37,12 +35,10 @@ from transformers import TrainerCallback
 from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _gather, _safetensors, _zero3
 from open_instruct_ckpt._shards import plan_shards
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
+from spies import allow_file_writes, forbid_file_writes, install_audit, spy_on_gathers
 
 PROBE_IDS = [[5, 6, 7, 8, 9, 10, 11, 12]]
 EXPECTED_ERROR, UNEXPECTED_SUCCESS = 3, 4
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_PATH_EVENTS = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "shutil.rmtree": 1, "os.truncate": 1,
-                "os.rename": 2, "os.link": 2, "os.symlink": 2}
 
 
 def parse() -> argparse.Namespace:
@@ -58,51 +54,6 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--fail-shard-write-at-step", type=int, default=None, help="rank 0's disk fills mid-save")
     parser.add_argument("--expect-error", action="store_true")
     return parser.parse_args()
-
-
-# -- proving that non-writers write nothing -------------------------------------------------------
-
-def _under(path, root: str) -> bool:
-    if isinstance(path, int) or path is None:
-        return False
-    full = os.path.abspath(os.fsdecode(path))
-    return full == root or full.startswith(root + os.sep)
-
-
-def install_audit(root: Path, events: list) -> None:
-    """Record open-for-write, mkdir, rename, link and remove events under `root` (hooks cannot be removed)."""
-    root_text = os.path.abspath(root)
-
-    def hook(event: str, args: tuple) -> None:
-        if event == "open":
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _WRITE_FLAGS)
-            if writing and _under(path, root_text):
-                events.append([event, os.fsdecode(path)])
-        elif event in _PATH_EVENTS:
-            paths = [p for p in args[: _PATH_EVENTS[event]] if _under(p, root_text)]
-            if paths:
-                events.append([event, *map(os.fsdecode, paths)])
-
-    sys.addaudithook(hook)
-
-
-def forbid_file_writes(probe: Path) -> str:
-    """Set RLIMIT_FSIZE to 0 for this process; return how a 1-byte probe write failed (expected: EFBIG)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    try:
-        with open(probe, "wb") as handle:
-            handle.write(b"x")
-            handle.flush()
-    except OSError as exc:
-        return os.strerror(exc.errno)
-    return "write succeeded"
-
-
-def allow_file_writes() -> None:
-    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
-    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
 
 
 # -- models and configs ---------------------------------------------------------------------------
@@ -229,18 +180,6 @@ class Reference(TrainerCallback):
             torch.save({"state": state, "logits": logits}, self.opts.out / "reference" / f"step_{step}.pt")
 
 
-def spy_on_gathers(model: nn.Module, gathered: list) -> None:
-    """Record the name and full size of every parameter our library gathers (then gather for real)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    real = _zero3.gathered
-
-    def recording(tensors, keep):
-        gathered.extend([names.get(id(t), "?"), _gather.stored_nbytes(t)] for t in tensors.values())
-        return real(tensors, keep)
-
-    _zero3.gathered = recording
-
-
 class Recording:
     """A SaveStrategy that delegates to `inner` and keeps the peak bytes each save returns."""
 
@@ -301,14 +240,14 @@ def record_plan(report: dict, strategy, model: nn.Module, max_shard_size) -> Non
     report["model_bytes"] = plan.total_bytes
 
 
-def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: list):
+def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: list, gather_bytes: list):
     from transformers import Trainer
 
     args, tokenizer = training_args(opts), llama_tokenizer()
     model, strategy_class = build(opts.strategy, tokenizer, opts.tie)
     strategy = strategy_class(max_shard_size=opts.max_shard_size)
     callback = CheckpointCallback(Recording(strategy, peaks), trainer_checkpoints=opts.trainer_checkpoints or None)
-    spy_on_gathers(model, gathered)
+    spy_on_gathers(model, gathered, gather_bytes, deepspeed=opts.engine != "ddp")
     report.update(
         should_save=args.should_save, world_size=args.world_size,
         trainer_gathers_full_model=bool(_gather.trainer_checkpoint_warnings(args)),
@@ -326,17 +265,17 @@ def main() -> None:
     report: dict = {"audit": []}
     rank = set_up_processes(opts, report)
     capture_warnings(report)
-    peaks, gathered = [], []
+    peaks, gathered, gather_bytes = [], [], []
     trainer, error = None, None
     try:
-        trainer = make_trainer(opts, report, peaks, gathered)
+        trainer = make_trainer(opts, report, peaks, gathered, gather_bytes)
         trainer.train()
     except Exception as exc:  # reported for the tests to compare across ranks
         error = exc
         report.update(error=f"{type(exc).__name__}: {exc}", error_at=time.time(), traceback=traceback.format_exc())
     finally:
         allow_file_writes()
-    report.update(rank=rank, peaks=peaks, gathered=gathered)
+    report.update(rank=rank, peaks=peaks, gathered=gathered, gather_bytes=gather_bytes)
     if trainer is not None:
         report.update(wrapped=type(trainer.model_wrapped).__name__)
     (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
