@@ -99,5 +99,14 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 def trainer_checkpoint_warnings(args: Any) -> list[str]:
     """Warnings for Trainer settings that make its own checkpoints gather the whole model on one rank."""
-    return [warning for engine in ENGINES if (warning := engine.trainer_checkpoint_warning(args))]
+    state = _accelerator_state()
+    return [warning for engine in ENGINES if (warning := engine.trainer_checkpoint_warning(args, state))]
+
+
+def _accelerator_state() -> Any:
+    """accelerate's process-wide AcceleratorState (the Trainer's, from TrainingArguments or `accelerate
+    launch --config_file`), or None before any Accelerator was created."""
+    from accelerate.state import AcceleratorState
+
+    return AcceleratorState() if AcceleratorState._shared_state else None
 

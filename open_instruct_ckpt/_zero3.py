@@ -34,9 +34,15 @@ def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> Iterator[dict[str,
         yield {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()} if keep else {}
 
 
-def trainer_checkpoint_warning(args: Any) -> str | None:
-    """A warning when the Trainer's own checkpoint would gather all 16-bit weights on one rank."""
+def trainer_checkpoint_warning(args: Any, state: Any) -> str | None:
+    """A warning when the Trainer's own checkpoint would gather all 16-bit weights on one rank.
+
+    The DeepSpeed config comes from `TrainingArguments(deepspeed=...)` or, under
+    `accelerate launch --config_file`, from accelerate's DeepSpeed plugin.
+    """
     config = getattr(args, "hf_deepspeed_config", None)
+    if config is None:
+        config = getattr(getattr(state, "deepspeed_plugin", None), "hf_ds_config", None)
     if config is None or not config.is_zero3():
         return None
     if not config.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save", False):

@@ -49,6 +49,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--max-shard-size", type=int, default=None)
     parser.add_argument("--tie", action="store_true")
     parser.add_argument("--gather-16bit", action="store_true", help="stage3_gather_16bit_weights_on_model_save")
+    parser.add_argument("--ds-config-from-accelerate", action="store_true",
+                        help="DeepSpeed config as `accelerate launch --config_file` passes it, not in TrainingArguments")
     parser.add_argument("--trainer-checkpoints", action="store_true")
     parser.add_argument("--fail-free-space-at-step", type=int, default=None, help="rank 0 sees a full disk")
     parser.add_argument("--fail-shard-write-at-step", type=int, default=None, help="rank 0's disk fills mid-save")
@@ -103,7 +105,8 @@ def training_args(opts: argparse.Namespace):
         output_dir=str(opts.out / "ckpt"), max_steps=4, save_strategy="steps", save_steps=2,
         per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], logging_steps=100, disable_tqdm=True,
         save_only_model=not opts.trainer_checkpoints, seed=0, ddp_timeout=120, use_cpu=opts.engine == "ddp",
-        deepspeed=deepspeed_config(opts.engine, opts.gather_16bit) if opts.engine != "ddp" else None,
+        deepspeed=None if opts.engine == "ddp" or opts.ds_config_from_accelerate else deepspeed_config(
+            opts.engine, opts.gather_16bit),
         accelerator_config={"use_configured_state": True},
     )
 
@@ -225,6 +228,10 @@ def set_up_processes(opts: argparse.Namespace, report: dict) -> int:
     install_audit(opts.out / "ckpt", report["audit"] if rank != 0 else report.setdefault("writer_audit", []))
     if opts.engine != "ddp":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if opts.engine != "ddp" and opts.ds_config_from_accelerate:  # what `accelerate launch --config_file` sets
+        config_file = opts.out / f"ds_config{rank}.json"
+        config_file.write_text(json.dumps(deepspeed_config(opts.engine, opts.gather_16bit)))
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(config_file)
     from accelerate import PartialState
 
     # Before TrainingArguments, or it computes world size 1 on CPU. Without DeepSpeed, cpu=True makes
@@ -248,10 +255,7 @@ def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: 
     strategy = strategy_class(max_shard_size=opts.max_shard_size)
     callback = CheckpointCallback(Recording(strategy, peaks), trainer_checkpoints=opts.trainer_checkpoints or None)
     spy_on_gathers(model, gathered, gather_bytes, deepspeed=opts.engine != "ddp")
-    report.update(
-        should_save=args.should_save, world_size=args.world_size,
-        trainer_gathers_full_model=bool(_gather.trainer_checkpoint_warnings(args)),
-    )
+    report.update(should_save=args.should_save, world_size=args.world_size)
     if args.should_save and opts.strategy != "lora":
         record_plan(report, strategy, model, opts.max_shard_size)
     return Trainer(
