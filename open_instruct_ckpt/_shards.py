@@ -72,12 +72,13 @@ def _name_reverter(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict
 
 
 def _has_weight_conversions(model: PreTrainedModel) -> bool:
-    # The same test `revert_weight_conversion` makes before returning its input unchanged.
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions is None:
-        conversions = get_model_conversion_mapping(model, add_legacy=False)
-        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
-    return bool(conversions)
+    # The same test `revert_weight_conversion` makes before returning its input unchanged. A model
+    # from `from_pretrained` carries its list even when empty, and then the revert re-sorts the keys,
+    # which moves tensors between shard files.
+    if getattr(model, "_weight_conversions", None) is not None:
+        return True
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    return any(not isinstance(c, PrefixChange) for c in conversions)
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,19 @@ def test_full_model_files_equal_save_pretrained(tokenizer, tmp_path, max_shard_s
     assert ("lm_head.weight" in saved_names) == (not tie)
 
 
+def test_model_from_pretrained_shards_like_its_save_pretrained(tokenizer, tmp_path):
+    # from_pretrained leaves an (empty) list of weight conversions; save_pretrained then orders the keys
+    # differently from a freshly built model's, which moves tensors between shard files.
+    llama_model(tokenizer).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    ours, theirs = save_both(model, tmp_path, SHARD_BYTES)
+    assert json.loads((ours / INDEX_NAME).read_text()) == json.loads((theirs / INDEX_NAME).read_text())
+    for name in sorted(weight_files(theirs) - {INDEX_NAME}):
+        our_tensors, _ = read_tensors(ours / name)
+        their_tensors, _ = read_tensors(theirs / name)
+        assert list(our_tensors) == list(their_tensors), name
+
+
 def test_full_model_config_and_loaded_logits_equal_save_pretrained(olmo_tok, tmp_path):
     model = olmo_model(olmo_tok)
     ours, theirs = save_both(model, tmp_path, SHARD_BYTES)
