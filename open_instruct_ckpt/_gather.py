@@ -1,8 +1,8 @@
 """The engine seam: stored shapes and a module-by-module gather, whichever engine shards the model.
 
-Strategies and the callback call only this module. Each engine module (`_zero3` for now)
+Strategies and the callback call only this module. Each engine module (`_zero3`, `_fsdp2`)
 answers for the tensors it shards: `is_sharded`, `full_shape`, a collective `gathered`
-context, and `trainer_checkpoint_warning`.
+context, `settle`, and the set-up checks `unsupported` and `trainer_checkpoint_warning`.
 Tensors no engine claims are plain: read in place on CPU, copied from an accelerator.
 """
 
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _zero3
+from . import _fsdp2, _zero3
 
 ModuleState = dict[str, torch.Tensor]
-ENGINES = (_zero3,)
+ENGINES = (_zero3, _fsdp2)
 
 
 def _engine_of(tensor: torch.Tensor) -> Any:
@@ -51,6 +51,17 @@ def own_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         if buffer is not None and name not in skipped:
             state[f"{prefix}{name}"] = buffer
     return state
+
+
+def settle(model: nn.Module) -> None:
+    """Local: every engine puts its parameters back in their resting (sharded) form; call before planning."""
+    for engine in ENGINES:
+        engine.settle(model)
+
+
+def model_class(module: nn.Module) -> type:
+    """The module's own class, past any wrapper class an engine substituted (FSDP2's `FSDP<Name>`)."""
+    return _fsdp2.original_class(module)
 
 
 def for_each_module_state(
@@ -97,6 +108,16 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach() if tensor.device.type == "cpu" else tensor.detach().to("cpu", copy=True)
 
 
+def check_engine(model: nn.Module | None) -> None:
+    """Local: raise ValueError naming the fix when the model is (or will be) sharded in a way no engine here
+    gathers. Before training only the Trainer's configuration is known; at `on_train_begin`, the sharded model."""
+    state = _accelerator_state()
+    for engine in ENGINES:
+        problem = engine.unsupported(state, model)
+        if problem:
+            raise ValueError(f"CheckpointCallback cannot save this model: {problem}")
+
+
 def trainer_checkpoint_warnings(args: Any) -> list[str]:
     """Warnings for Trainer settings that make its own checkpoints gather the whole model on one rank."""
     state = _accelerator_state()
@@ -109,4 +130,3 @@ def _accelerator_state() -> Any:
     from accelerate.state import AcceleratorState
 
     return AcceleratorState() if AcceleratorState._shared_state else None
-

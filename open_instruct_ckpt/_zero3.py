@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -32,6 +33,14 @@ def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> Iterator[dict[str,
 
     with deepspeed.zero.GatheredParameters(list(tensors.values()), modifier_rank=None):
         yield {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()} if keep else {}
+
+
+def settle(model: nn.Module) -> None:
+    """Nothing to do: GatheredParameters copes with parameters a forward left gathered."""
+
+
+def unsupported(state: Any, model: nn.Module | None) -> str | None:
+    return None
 
 
 def trainer_checkpoint_warning(args: Any, state: Any) -> str | None:

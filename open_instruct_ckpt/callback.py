@@ -86,6 +86,7 @@ class CheckpointCallback(TrainerCallback):
         tokenizer = _resolve_tokenizer(self._tokenizer, processing_class)
         if model is None:
             raise ValueError("CheckpointCallback needs the model: use it through transformers.Trainer")
+        _gather.check_engine(model)
         self.strategy.check(model)
         _generation_config.build(self._generation_config, self.strategy.saved_module(model), tokenizer)
         keep_last = args.save_total_limit if self._keep_last == _FROM_ARGS else self._keep_last

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from ._gather import for_each_module_state, own_state, stored_nbytes
+from ._gather import for_each_module_state, model_class, own_state, settle, stored_nbytes
 from ._shards import ShardWriter, plan_shards
 
 
@@ -85,6 +85,7 @@ class FullModel:
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         self.check(model)
+        settle(model)
         return write_module(model, directory, generation_config, self.max_shard_size)
 
 
@@ -128,6 +129,7 @@ class ModelAttribute:
         return plan_shards(self.saved_module(model), self.max_shard_size).total_bytes
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        settle(model)
         return write_module(self.saved_module(model), directory, generation_config, self.max_shard_size)
 
 
@@ -150,7 +152,7 @@ def write_module(
 def _write_model_configs(model: PreTrainedModel, directory: Path, generation_config: GenerationConfig | None) -> None:
     config = copy.deepcopy(model.config)
     config.dtype = str(model.dtype).split(".")[1]
-    config.architectures = [type(model).__name__]
+    config.architectures = [model_class(model).__name__]
     config.save_pretrained(directory)
     if generation_config is not None and model.can_generate():
         generation_config.save_pretrained(directory)
@@ -186,6 +188,7 @@ class LoRAAdapter:
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         self.check(model)
+        settle(model)
         state: dict[str, torch.Tensor] = {}
         for_each_module_state(self._groups(model), state.update if directory is not None else None)
         if directory is None:

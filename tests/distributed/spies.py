@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from open_instruct_ckpt import _gather
 
@@ -76,7 +77,7 @@ def spy_on_gathers(model: nn.Module, gathered: list, gather_bytes: list, deepspe
 
     `gathered` gets [name, full bytes] of every tensor the library asks an engine to gather;
     `gather_bytes` gets, per gather, the bytes the engine's real primitive materialised inside
-    it: DeepSpeed's `GatheredParameters` for ZeRO-3.
+    it: DeepSpeed's `GatheredParameters` for ZeRO-3, `DTensor.full_tensor` for FSDP2.
     """
     _count_materialised_bytes(deepspeed)
     for engine in _gather.ENGINES:
@@ -86,7 +87,7 @@ def spy_on_gathers(model: nn.Module, gathered: list, gather_bytes: list, deepspe
 def _recording(real, model: nn.Module, gathered: list, gather_bytes: list):
     @contextlib.contextmanager
     def recording(tensors, keep):
-        names = {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): n for n, p in model.named_parameters()}  # now: FSDP2 replaced the Parameter objects
         gathered.extend([names.get(id(t), "?"), _gather.stored_nbytes(t)] for t in tensors.values())
         _open_gathers.append(0)
         try:
@@ -104,6 +105,14 @@ def _materialised(nbytes: int) -> None:
 
 
 def _count_materialised_bytes(deepspeed_in_use: bool) -> None:
+    real_full_tensor = DTensor.full_tensor
+
+    def full_tensor(self, *args, **kwargs):
+        full = real_full_tensor(self, *args, **kwargs)
+        _materialised(full.numel() * full.element_size())
+        return full
+
+    DTensor.full_tensor = full_tensor
     if not deepspeed_in_use:
         return
     import deepspeed
