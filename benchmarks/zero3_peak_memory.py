@@ -84,8 +84,8 @@ def worker(opts: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from open_instruct_ckpt import FullModel
+    from open_instruct_ckpt._gather import stored_nbytes
     from open_instruct_ckpt._shards import plan_shards
-    from open_instruct_ckpt._zero3 import stored_nbytes
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()

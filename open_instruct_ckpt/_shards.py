@@ -2,7 +2,7 @@
 
 The plan is what `PreTrainedModel.save_pretrained` would produce for the same model and
 `max_shard_size` (same tied-weight removal, same reverted weight names, same `weight_map`),
-computed from stored shapes so it needs no ZeRO-3 gather.
+computed from stored shapes so it needs no gather (ZeRO-3 or FSDP2).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers.core_model_loading import PrefixChange, revert_weight_conversi
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from . import _safetensors
-from ._zero3 import own_state, stored_numel, stored_shape
+from ._gather import own_state, stored_numel, stored_shape
 
 WEIGHTS_PATTERN = "model{suffix}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -72,12 +72,13 @@ def _name_reverter(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict
 
 
 def _has_weight_conversions(model: PreTrainedModel) -> bool:
-    # The same test `revert_weight_conversion` makes before returning its input unchanged.
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions is None:
-        conversions = get_model_conversion_mapping(model, add_legacy=False)
-        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
-    return bool(conversions)
+    # The same test `revert_weight_conversion` makes before returning its input unchanged. A model
+    # from `from_pretrained` carries its list even when empty, and then the revert re-sorts the keys,
+    # which moves tensors between shard files.
+    if getattr(model, "_weight_conversions", None) is not None:
+        return True
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    return any(not isinstance(c, PrefixChange) for c in conversions)
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
-from . import _generation_config, _logging, _run, _save, _upload, _zero3
+from . import _gather, _generation_config, _logging, _run, _save, _upload
 from ._dist import raise_on_all_ranks
 from ._lock import RunLock
 from ._manifest import FINAL_NAME, step_name
@@ -134,6 +134,7 @@ class CheckpointCallback(TrainerCallback):
         tokenizer = _resolve_tokenizer(self._tokenizer, processing_class)
         if model is None:
             raise ValueError("CheckpointCallback needs the model: use it through transformers.Trainer")
+        _gather.check_engine(model)
         self.strategy.check(model)
         _generation_config.build(self._generation_config, self.strategy.saved_module(model), tokenizer)
         keep_last = args.save_total_limit if self._keep_last == _FROM_ARGS else self._keep_last
@@ -219,12 +220,9 @@ class CheckpointCallback(TrainerCallback):
         return "Trainer checkpoints (checkpoint-N, for resume) are kept beside ours: save_only_model=False"
 
     def _warn_if_trainer_gathers(self, args: TrainingArguments) -> None:
-        if self.keeps_trainer_checkpoints(args) and _zero3.trainer_gathers_full_model(args):
-            logger.warning(
-                "stage3_gather_16bit_weights_on_model_save=true makes the Trainer gather the whole model on "
-                "rank 0 for its own checkpoints; set it to false: the Trainer then writes sharded, resumable "
-                "state from every rank and this callback writes the HF weights"
-            )
+        if self.keeps_trainer_checkpoints(args):
+            for message in _gather.trainer_checkpoint_warnings(args):
+                logger.warning(message)
 
 
 def _check_arguments(strategy: Any, output_dir: Any, trainer_checkpoints: Any, keep_last: Any, existing: Any) -> None:

@@ -1,6 +1,6 @@
 """What to save: one class per kind of checkpoint.
 
-Rank contract shared by every strategy: `save` is called on every rank (ZeRO-3 gathering is
+Rank contract shared by every strategy: `save` is called on every rank (gathering a sharded model is
 collective); `directory` is the writer's staging directory and None on every other rank,
 which then only takes part in the gathers and keeps no state dict.
 """
@@ -19,8 +19,8 @@ from torch import nn
 from huggingface_hub.serialization._base import parse_size_to_int
 from transformers import GenerationConfig, PreTrainedModel
 
+from ._gather import for_each_module_state, model_class, own_state, settle, stored_nbytes
 from ._shards import ShardWriter, plan_shards
-from ._zero3 import for_each_module_state, own_state, stored_nbytes
 
 
 @dataclass
@@ -97,6 +97,7 @@ class FullModel:
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         self.check(model)
+        settle(model)
         return write_module(model, directory, generation_config, self.max_shard_size)
 
 
@@ -141,6 +142,7 @@ class ModelAttribute:
         return plan_shards(self.saved_module(model), self.max_shard_size).total_bytes
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        settle(model)
         return write_module(self.saved_module(model), directory, generation_config, self.max_shard_size)
 
 
@@ -163,7 +165,7 @@ def write_module(
 def _write_model_configs(model: PreTrainedModel, directory: Path, generation_config: GenerationConfig | None) -> None:
     config = copy.deepcopy(model.config)
     config.dtype = str(model.dtype).split(".")[1]
-    config.architectures = [type(model).__name__]
+    config.architectures = [model_class(model).__name__]
     config.save_pretrained(directory)
     if generation_config is not None and model.can_generate():
         generation_config.save_pretrained(directory)
@@ -199,6 +201,7 @@ class LoRAAdapter:
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         self.check(model)
+        settle(model)
         state: dict[str, torch.Tensor] = {}
         for_each_module_state(self._groups(model), state.update if directory is not None else None)
         if directory is None:

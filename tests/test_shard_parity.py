@@ -11,8 +11,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from open_instruct_ckpt import FullModel
+from open_instruct_ckpt._gather import stored_nbytes
 from open_instruct_ckpt._shards import INDEX_NAME, plan_shards
-from open_instruct_ckpt._zero3 import stored_nbytes
 from open_instruct_ckpt.tiny import llama_model, olmo_model
 
 SHARD_BYTES = 20_000  # the tiny models are ~100 KB: several shards
@@ -62,6 +62,19 @@ def test_full_model_files_equal_save_pretrained(tokenizer, tmp_path, max_shard_s
         read_tensors(ours / "model.safetensors")[0]
     )
     assert ("lm_head.weight" in saved_names) == (not tie)
+
+
+def test_model_from_pretrained_shards_like_its_save_pretrained(tokenizer, tmp_path):
+    # from_pretrained leaves an (empty) list of weight conversions; save_pretrained then orders the keys
+    # differently from a freshly built model's, which moves tensors between shard files.
+    llama_model(tokenizer).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    ours, theirs = save_both(model, tmp_path, SHARD_BYTES)
+    assert json.loads((ours / INDEX_NAME).read_text()) == json.loads((theirs / INDEX_NAME).read_text())
+    for name in sorted(weight_files(theirs) - {INDEX_NAME}):
+        our_tensors, _ = read_tensors(ours / name)
+        their_tensors, _ = read_tensors(theirs / name)
+        assert list(our_tensors) == list(their_tensors), name
 
 
 def test_full_model_config_and_loaded_logits_equal_save_pretrained(olmo_tok, tmp_path):

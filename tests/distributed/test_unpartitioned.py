@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import checks
-from launch import launched  # noqa: F401 (fixture)
+from launch import deepspeed_op, launched  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.distributed
 
@@ -17,7 +17,7 @@ WRAPPER = {"zero2": "DeepSpeedEngine", "ddp": "DistributedDataParallel"}
 def test_full_model_under(engine, launched):
     run = launched("--strategy", "full", "--engine", engine).check()
     assert {run.report(rank)["wrapped"] for rank in (0, 1)} == {WRAPPER[engine]}
-    checks.not_partitioned(run)
+    checks.not_sharded(run)
     for step in checks.SAVE_STEPS:
         checks.full_model_matches_live(run, step)
     checks.nonwriter_wrote_nothing(run)
@@ -26,7 +26,7 @@ def test_full_model_under(engine, launched):
 @pytest.mark.parametrize("engine", ["zero2", "ddp"])
 def test_lora_adapter_under(engine, launched):
     run = launched("--strategy", "lora", "--engine", engine).check()
-    checks.not_partitioned(run)
+    checks.not_sharded(run)
     for step in checks.SAVE_STEPS:
         checks.lora_matches_live(run, step)
     checks.nonwriter_wrote_nothing(run)

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import checks
-from launch import launched  # noqa: F401 (fixture)
+from launch import deepspeed_op, launched  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.distributed
 SHARD_BYTES = "30000"  # ~96 KB model: 4 shards
@@ -31,7 +31,7 @@ def attribute(launched):
 
 
 def test_full_model_checkpoint_equals_gathered_live_model(full):
-    checks.partitioned(full)
+    checks.sharded(full)
     logits = [checks.full_model_matches_live(full, step) for step in checks.SAVE_STEPS]
     assert not torch.equal(*logits)  # the two saves captured different training states
     weight_map = json.loads((full.checkpoints / "step_4" / "model.safetensors.index.json").read_text())["weight_map"]
@@ -46,22 +46,23 @@ def test_full_model_streams_shards_within_one_shard_plus_largest_module(full):
     assert max(writer["peaks"]) < writer["model_bytes"]
 
 
+@pytest.mark.parametrize("run", ["full", "attribute"])
+def test_gathers_one_module_at_a_time(run, request):
+    checks.gathers_module_by_module(request.getfixturevalue(run))
+
+
 def test_lora_adapter_equals_live_trainable_tensors(lora):
-    checks.partitioned(lora)
+    checks.sharded(lora)
     for step in checks.SAVE_STEPS:
         checks.lora_matches_live(lora, step)
 
 
 def test_lora_save_gathers_only_trainable_parameters(lora):
-    for rank in (0, 1):
-        gathered = lora.report(rank)["gathered"]
-        assert len(gathered) == 8 * len(checks.SAVE_STEPS)
-        assert all(".lora_A." in name or ".lora_B." in name for name, _ in gathered), gathered
-        assert sum(size for _, size in gathered) == 4096 * len(checks.SAVE_STEPS)  # the adapter, not the base
+    checks.lora_gathered_only_the_adapter(lora)
 
 
 def test_model_attribute_saves_and_gathers_only_the_policy(attribute):
-    checks.partitioned(attribute)
+    checks.sharded(attribute)
     for step in checks.SAVE_STEPS:
         checks.full_model_matches_live(attribute, step, loader=LlamaForCausalLM)
     for rank in (0, 1):
@@ -75,6 +76,4 @@ def test_nonwriter_rank_writes_nothing(run, request):
 
 
 def test_no_trainer_gather_warning_when_disabled(full):
-    report = full.report(0)
-    assert report["trainer_gathers_full_model"] is False
-    assert not any("stage3_gather_16bit" in message for message in report.get("warnings", []))
+    assert not any("stage3_gather_16bit" in message for message in full.report(0).get("warnings", []))

@@ -1,22 +1,27 @@
-"""A writer-side problem found before the first gather stops every rank with the same error, without hanging."""
+"""A writer-side problem found before the first gather stops every rank with the same error, without hanging.
+
+Both launches keep the Trainer's checkpoints with stage3_gather_16bit_weights_on_model_save=true, one
+configured through TrainingArguments(deepspeed=...), the other as `accelerate launch --config_file`
+passes it: each must log the warning at init.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from launch import launched  # noqa: F401 (fixture)
+from launch import deepspeed_op, launched  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.distributed
+GATHER_16BIT_WARNING = "stage3_gather_16bit_weights_on_model_save=true makes the Trainer gather the whole model"
 
 
 @pytest.fixture(scope="module")
 def full_disk(launched):
     # Rank 0 alone sees a full disk from step 1; the save at step 2 must fail on both ranks.
-    # Trainer checkpoints kept with stage3_gather_16bit_weights_on_model_save=true: the init warning.
     return launched(
         "--strategy", "full", "--engine", "zero3", "--fail-free-space-at-step", "1",
-        "--gather-16bit", "--trainer-checkpoints",
-    ).check()
+        "--gather-16bit", "--trainer-checkpoints", "--expect-error",
+    ).check_expected_error()
 
 
 def test_writer_preflight_failure_raises_on_every_rank_quickly(full_disk):
@@ -29,18 +34,20 @@ def test_writer_preflight_failure_raises_on_every_rank_quickly(full_disk):
     assert other["audit"] == []
 
 
-def test_warns_when_trainer_would_gather_the_full_model(full_disk):
-    writer = full_disk.report(0)
-    assert writer["trainer_gathers_full_model"] is True
-    assert any("stage3_gather_16bit_weights_on_model_save=true" in m for m in writer["warnings"])
-
-
 @pytest.fixture(scope="module")
 def disk_fills_mid_save(launched):
     # Small shards: the first shard is written while later modules still have to be gathered.
     return launched(
         "--strategy", "full", "--engine", "zero3", "--max-shard-size", "20000", "--fail-shard-write-at-step", "1",
-    ).check()
+        "--gather-16bit", "--trainer-checkpoints", "--ds-config-from-accelerate", "--expect-error",
+    ).check_expected_error()
+
+
+@pytest.mark.parametrize("run", ["full_disk", "disk_fills_mid_save"], ids=["TrainingArguments", "accelerate-config"])
+def test_warns_when_trainer_would_gather_the_full_model(run, request):
+    writer, other = request.getfixturevalue(run).report(0), request.getfixturevalue(run).report(1)
+    assert [m for m in writer["warnings"] if GATHER_16BIT_WARNING in m]
+    assert not [m for m in other.get("warnings", []) if GATHER_16BIT_WARNING in m]  # init messages: the writer's
 
 
 def test_write_failure_mid_gather_reaches_every_rank_after_all_gathers(disk_fills_mid_save):

@@ -1,100 +1,71 @@
 """Launched by tests/distributed under torchrun (2 processes, gloo on CPU); never collected by pytest.
 
-Trains a tiny model with a real Trainer (DeepSpeed ZeRO-2/3 or plain DDP), saves with
-CheckpointCallback, and writes what the tests check:
+Trains a tiny model with a real Trainer (DeepSpeed ZeRO-2/3, FSDP2, plain DDP; FSDP1 only to be
+refused), saves with CheckpointCallback, and writes what the tests check:
   <out>/ckpt/                   the checkpoints (args.output_dir)
   <out>/reference/step_<N>.pt   rank 0: live tensors and logits at each save step
-  <out>/reports/rank<R>.json    every rank: partitioning, gathers, audit of writes, errors
+  <out>/reports/rank<R>.json    every rank: sharding, gathers, audit of writes, errors
 Non-writer ranks run with RLIMIT_FSIZE=0 and an audit hook on the checkpoint directory.
+
+Exit status: 0 after a clean run; an unexpected error is re-raised (non-zero). With
+--expect-error, every rank writes its report, waits for the others, and exits EXPECTED_ERROR
+when it failed (UNEXPECTED_SUCCESS when it did not), so the test can read both reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import errno
 import gc
 import json
 import os
-import resource
 import shutil
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _safetensors, _zero3
+from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _gather, _safetensors
 from open_instruct_ckpt._shards import plan_shards
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
+from spies import allow_file_writes, forbid_file_writes, install_audit, spy_on_gathers
 
 PROBE_IDS = [[5, 6, 7, 8, 9, 10, 11, 12]]
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_PATH_EVENTS = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "shutil.rmtree": 1, "os.truncate": 1,
-                "os.rename": 2, "os.link": 2, "os.symlink": 2}
+EXPECTED_ERROR, UNEXPECTED_SUCCESS = 3, 4
+DEEPSPEED, FSDP = ("zero2", "zero3"), ("fsdp1", "fsdp2")
+EMBEDDINGS = ("embed_tokens.weight", "lm_head.weight")
 
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--strategy", choices=["full", "lora", "attribute"], default="full")
-    parser.add_argument("--engine", choices=["zero3", "zero2", "ddp"], default="zero3")
+    parser.add_argument("--engine", choices=["zero3", "zero2", "fsdp2", "fsdp1", "ddp"], default="zero3")
     parser.add_argument("--max-shard-size", type=int, default=None)
     parser.add_argument("--tie", action="store_true")
+    parser.add_argument("--lora-embeddings", action="store_true", help="LoRAAdapter(save_embedding_layers=True)")
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--keep-last", type=int, default=None, help="save_total_limit")
+    parser.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of parameters")
+    parser.add_argument("--forward-before-save", action="store_true", help="an eval-like forward before each save")
+    parser.add_argument("--sigusr1-at-step", type=int, default=None, help="rank 1 signals itself during that step")
     parser.add_argument("--gather-16bit", action="store_true", help="stage3_gather_16bit_weights_on_model_save")
+    parser.add_argument("--ds-config-from-accelerate", action="store_true",
+                        help="DeepSpeed config as `accelerate launch --config_file` passes it, not in TrainingArguments")
     parser.add_argument("--trainer-checkpoints", action="store_true")
     parser.add_argument("--fail-free-space-at-step", type=int, default=None, help="rank 0 sees a full disk")
     parser.add_argument("--fail-shard-write-at-step", type=int, default=None, help="rank 0's disk fills mid-save")
+    parser.add_argument("--expect-error", action="store_true")
     return parser.parse_args()
-
-
-# -- proving that non-writers write nothing -------------------------------------------------------
-
-def _under(path, root: str) -> bool:
-    if isinstance(path, int) or path is None:
-        return False
-    full = os.path.abspath(os.fsdecode(path))
-    return full == root or full.startswith(root + os.sep)
-
-
-def install_audit(root: Path, events: list) -> None:
-    """Record open-for-write, mkdir, rename, link and remove events under `root` (hooks cannot be removed)."""
-    root_text = os.path.abspath(root)
-
-    def hook(event: str, args: tuple) -> None:
-        if event == "open":
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _WRITE_FLAGS)
-            if writing and _under(path, root_text):
-                events.append([event, os.fsdecode(path)])
-        elif event in _PATH_EVENTS:
-            paths = [p for p in args[: _PATH_EVENTS[event]] if _under(p, root_text)]
-            if paths:
-                events.append([event, *map(os.fsdecode, paths)])
-
-    sys.addaudithook(hook)
-
-
-def forbid_file_writes(probe: Path) -> str:
-    """Set RLIMIT_FSIZE to 0 for this process; return how a 1-byte probe write failed (expected: EFBIG)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    try:
-        with open(probe, "wb") as handle:
-            handle.write(b"x")
-            handle.flush()
-    except OSError as exc:
-        return os.strerror(exc.errno)
-    return "write succeeded"
-
-
-def allow_file_writes() -> None:
-    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
-    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
 
 
 # -- models and configs ---------------------------------------------------------------------------
@@ -110,10 +81,11 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids, labels=None, **_):
         out = self.policy(input_ids=input_ids, labels=labels, output_hidden_states=True)
         value = self.value_head(out.hidden_states[-1])
-        return {"loss": out.loss + 0.1 * value.pow(2).mean(), "logits": out.logits}
+        loss = out.loss + 0.1 * value.pow(2).mean() if labels is not None else None
+        return {"loss": loss, "logits": out.logits}
 
 
-def build(strategy: str, tokenizer, tie: bool):
+def build(strategy: str, tokenizer, tie: bool, lora_embeddings: bool = False):
     base = llama_model(tokenizer, tie=tie)
     if strategy == "full":
         return base, FullModel
@@ -123,7 +95,7 @@ def build(strategy: str, tokenizer, tie: bool):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return get_peft_model(base, config), lambda **kw: LoRAAdapter()
+    return get_peft_model(base, config), lambda **kw: LoRAAdapter(save_embedding_layers=lora_embeddings or None)
 
 
 def deepspeed_config(engine: str, gather_16bit: bool) -> dict:
@@ -137,27 +109,54 @@ def deepspeed_config(engine: str, gather_16bit: bool) -> dict:
     }
 
 
+def engine_arguments(opts: argparse.Namespace) -> dict:
+    if opts.engine in DEEPSPEED:
+        config = deepspeed_config(opts.engine, opts.gather_16bit)
+        return {} if opts.ds_config_from_accelerate else {"deepspeed": config}
+    if opts.engine in FSDP:
+        fsdp_config = {
+            "version": int(opts.engine[-1]), "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "cpu_offload": opts.offload,
+        }
+        if opts.engine == "fsdp1":
+            fsdp_config["sync_module_states"] = False  # True looks for an accelerator device when the Trainer is built
+        return {"use_cpu": True, "fsdp": True, "fsdp_config": fsdp_config}
+    return {"use_cpu": True}
+
+
 def training_args(opts: argparse.Namespace):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(opts.out / "ckpt"), max_steps=4, save_strategy="steps", save_steps=2,
-        per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], logging_steps=100, disable_tqdm=True,
-        save_only_model=not opts.trainer_checkpoints, seed=0, ddp_timeout=120, use_cpu=opts.engine == "ddp",
-        deepspeed=deepspeed_config(opts.engine, opts.gather_16bit) if opts.engine != "ddp" else None,
-        accelerator_config={"use_configured_state": True},
+        output_dir=str(opts.out / "ckpt"), max_steps=opts.max_steps, save_strategy="steps", save_steps=2,
+        save_total_limit=opts.keep_last, per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
+        logging_steps=100, disable_tqdm=True, save_only_model=not opts.trainer_checkpoints, seed=0, ddp_timeout=120,
+        accelerator_config={"use_configured_state": True}, **engine_arguments(opts),
     )
 
 
 # -- in-run recording -----------------------------------------------------------------------------
 
-def _gathered_live(params: list[nn.Parameter]):
-    partitioned = [p for p in params if _zero3.is_partitioned(p)]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
+def live_state(params: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor] | None:
+    """Collective: the full values of `params`, gathered the engines' own way (not the library's); kept if `keep`."""
+    partitioned = [p for p in params.values() if hasattr(p, "ds_id")]
+    gather = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
 
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+        gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    state = {}
+    with gather, torch.no_grad():
+        for name, p in params.items():
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            if keep:
+                state[name] = full.detach().clone()
+    return state if keep else None
+
+
+def sharded_now(model: nn.Module) -> int:
+    """Parameters in their sharded resting form: empty ZeRO-3 partitions, FSDP2 DTensors."""
+    return sum(p.numel() == 0 if hasattr(p, "ds_id") else isinstance(p, DTensor) for p in model.parameters())
 
 
 def _disk_full_on_write(path, tensors, metadata=None):
@@ -166,21 +165,32 @@ def _disk_full_on_write(path, tensors, metadata=None):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
 
-def _is_save_step(args, state) -> bool:
-    return state.global_step % args.save_steps == 0 or state.global_step == state.max_steps
+def _probe_forward(model: nn.Module) -> torch.Tensor:
+    """Collective under ZeRO-3/FSDP2 (every rank runs it): the logits of PROBE_IDS, as an evaluation would."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(PROBE_IDS))["logits"]
+    model.train(was_training)
+    return logits
 
 
 class Recorder(TrainerCallback):
-    """Runs before CheckpointCallback: partitioning proof, the non-writer guard, the full-disk fault."""
+    """Runs before CheckpointCallback: sharding proof, the non-writer guard, faults, the preemption signal."""
 
     def __init__(self, opts: argparse.Namespace, report: dict) -> None:
         self.opts, self.report = opts, report
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.report["partitioned_params"] = sum(_zero3.is_partitioned(p) for p in model.parameters())
+        self.report["sharded_params"] = sum(_gather.is_sharded(p) for p in model.parameters())
         self.report["params"] = sum(1 for _ in model.parameters())
+        self.report["param_devices"] = sorted({str(getattr(p, "_local_tensor", p).device) for p in model.parameters()})
         if not args.should_save:
             self.report["rlimit_probe"] = forbid_file_writes(self.opts.out / "reports" / f"probe{dist.get_rank()}")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.opts.sigusr1_at_step and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1: the writer learns of it through the all-reduce
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
@@ -188,51 +198,38 @@ class Recorder(TrainerCallback):
             shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
         if step == self.opts.fail_shard_write_at_step and args.should_save:
             _safetensors.write = _disk_full_on_write
-        if _is_save_step(args, state):  # what the save is handed: every parameter still partitioned?
-            empty = sum(p.numel() == 0 for p in model.parameters())
-            self.report.setdefault("local_numel_zero_at_save", []).append(empty)
+        if control.should_save:  # what the save is handed: every parameter still sharded?
+            self.report.setdefault("sharded_at_save", []).append(sharded_now(model))
             self.report.setdefault("save_started", {})[step] = time.time()
+            if self.opts.forward_before_save:
+                _probe_forward(model)  # FSDP2 leaves the root and the tail unsharded after this
 
 
 class Reference(TrainerCallback):
     """Runs after CheckpointCallback (a forward leaves ZeRO-3 parameters gathered): the live model's
-    tensors and logits at each save step, written by rank 0 to `<out>/reference/step_<N>.pt`."""
+    tensors and logits at each save, written by rank 0 to `<out>/reference/step_<N>.pt`."""
 
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if _is_save_step(args, state):
+        scheduled = state.global_step % args.save_steps == 0 or state.global_step == state.max_steps
+        if scheduled or control.should_training_stop:  # the latter: a preemption save
             self._reference(model, state.global_step, args.should_save)
 
     def _reference(self, model: nn.Module, step: int, is_writer: bool) -> None:
         target = model.policy if self.opts.strategy == "attribute" else model
-        wanted = [p for p in target.parameters() if p.requires_grad or self.opts.strategy != "lora"]
-        with _gathered_live(wanted):
-            names = {id(p): n for n, p in target.named_parameters()}
-            state = {names[id(p)]: p.detach().clone() for p in wanted} if is_writer else None
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():  # every rank runs the forward: ZeRO-3 gathers inside it
-            logits = target(input_ids=torch.tensor(PROBE_IDS)).logits
-        model.train(was_training)
+        wanted = {n: p for n, p in target.named_parameters() if self._saved(n, p)}
+        state = live_state(wanted, keep=is_writer)
+        logits = _probe_forward(model)  # the policy's logits for "attribute"
         if is_writer:
             (self.opts.out / "reference").mkdir(exist_ok=True)
             torch.save({"state": state, "logits": logits}, self.opts.out / "reference" / f"step_{step}.pt")
 
-
-def spy_on_gathers(model: nn.Module, gathered: list) -> None:
-    """Record the name and full size of every parameter our library gathers (then gather for real)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    real = _zero3._gathered
-
-    def recording(params):
-        for p in params:
-            if _zero3.is_partitioned(p):
-                gathered.append([names.get(id(p), "?"), _zero3.stored_nbytes(p)])
-        return real(params)
-
-    _zero3._gathered = recording
+    def _saved(self, name: str, param: nn.Parameter) -> bool:
+        if self.opts.strategy != "lora":
+            return True
+        return param.requires_grad or (self.opts.lora_embeddings and name.endswith(EMBEDDINGS))
 
 
 class Recording:
@@ -278,40 +275,54 @@ def set_up_processes(opts: argparse.Namespace, report: dict) -> int:
     rank = int(os.environ["RANK"])
     (opts.out / "reports").mkdir(parents=True, exist_ok=True)
     install_audit(opts.out / "ckpt", report["audit"] if rank != 0 else report.setdefault("writer_audit", []))
-    if opts.engine != "ddp":
+    if opts.engine in DEEPSPEED:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if opts.engine in DEEPSPEED and opts.ds_config_from_accelerate:  # what `accelerate launch --config_file` sets
+        config_file = opts.out / f"ds_config{rank}.json"
+        config_file.write_text(json.dumps(deepspeed_config(opts.engine, opts.gather_16bit)))
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(config_file)
+    if opts.engine in FSDP:
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
     from accelerate import PartialState
+    from accelerate.utils import DistributedType
 
-    # Before TrainingArguments, or it computes world size 1 on CPU. Without DeepSpeed, cpu=True makes
-    # it MULTI_CPU, so the Trainer really wraps the model in DistributedDataParallel.
-    PartialState(cpu=opts.engine == "ddp", backend="gloo")
+    # Before TrainingArguments, or it computes world size 1 on CPU. Without DeepSpeed or FSDP,
+    # cpu=True makes it MULTI_CPU, so the Trainer really wraps the model in DistributedDataParallel.
+    # The process group's timeout (TrainingArguments' ddp_timeout comes too late to apply): a hang fails in 2 min.
+    state = PartialState(cpu=opts.engine == "ddp", backend="gloo", timeout=datetime.timedelta(seconds=120))
+    if opts.engine in FSDP:
+        state.distributed_type = DistributedType.MULTI_GPU  # so accelerate takes the FSDP path; the device stays cpu
     return rank
 
 
 def record_plan(report: dict, strategy, model: nn.Module, max_shard_size) -> None:
     plan = plan_shards(strategy.saved_module(model), max_shard_size)
-    report["largest_group_bytes"] = max(sum(_zero3.stored_nbytes(t) for t in own.values()) for _, own in plan.groups)
+    report["largest_group_bytes"] = max(sum(_gather.stored_nbytes(t) for t in own.values()) for _, own in plan.groups)
     report["model_bytes"] = plan.total_bytes
 
 
-def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: list):
+def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: list, gather_bytes: list):
     from transformers import Trainer
 
     args, tokenizer = training_args(opts), llama_tokenizer()
-    model, strategy_class = build(opts.strategy, tokenizer, opts.tie)
+    model, strategy_class = build(opts.strategy, tokenizer, opts.tie, opts.lora_embeddings)
     strategy = strategy_class(max_shard_size=opts.max_shard_size)
     callback = CheckpointCallback(Recording(strategy, peaks), trainer_checkpoints=opts.trainer_checkpoints or None)
-    spy_on_gathers(model, gathered)
-    report.update(
-        should_save=args.should_save, world_size=args.world_size,
-        trainer_gathers_full_model=_zero3.trainer_gathers_full_model(args),
-    )
+    spy_on_gathers(model, gathered, gather_bytes, deepspeed=opts.engine in DEEPSPEED)
+    report.update(should_save=args.should_save, world_size=args.world_size)
     if args.should_save and opts.strategy != "lora":
         record_plan(report, strategy, model, opts.max_shard_size)
-    return Trainer(
+    trainer = Trainer(
         model=model, args=args, train_dataset=TinyTextDataset(len(tokenizer), rows=32), processing_class=tokenizer,
         callbacks=[Recorder(opts, report), callback, Reference(opts)],
     )
+    if opts.offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        # Pinned host memory needs an accelerator; on GPUs cpu_offload=True gives the pinned policy.
+        trainer.accelerator.state.fsdp_plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    report["offload_policy"] = repr(getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "cpu_offload", None))
+    return trainer
 
 
 def main() -> None:
@@ -319,21 +330,33 @@ def main() -> None:
     report: dict = {"audit": []}
     rank = set_up_processes(opts, report)
     capture_warnings(report)
-    peaks, gathered = [], []
-    trainer = make_trainer(opts, report, peaks, gathered)
+    peaks, gathered, gather_bytes = [], [], []
+    trainer, error = None, None
     try:
+        trainer = make_trainer(opts, report, peaks, gathered, gather_bytes)
         trainer.train()
     except Exception as exc:  # reported for the tests to compare across ranks
-        report.update(error=f"{type(exc).__name__}: {exc}", error_at=time.time())
+        error = exc
+        report.update(error=f"{type(exc).__name__}: {exc}", error_at=time.time(), traceback=traceback.format_exc())
     finally:
         allow_file_writes()
-    report.update(rank=rank, peaks=peaks, gathered=gathered, wrapped=type(trainer.model_wrapped).__name__)
+    report.update(rank=rank, peaks=peaks, gathered=gathered, gather_bytes=gather_bytes)
+    if trainer is not None:
+        callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointCallback))
+        report.update(wrapped=type(trainer.model_wrapped).__name__, preempted=callback.preempted,
+                      stopped_at=trainer.state.global_step)
     (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    if error is not None and not opts.expect_error:
+        raise error
     # The DDP reducer holds the process group: free it first, or the group can be torn down at
     # interpreter exit instead, where gloo once aborted ("terminate called without an active exception").
     del trainer
     gc.collect()
+    if opts.expect_error:  # torchrun stops the other rank when one exits non-zero: both reports first
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     dist.destroy_process_group()
+    if opts.expect_error:
+        sys.exit(EXPECTED_ERROR if error is not None else UNEXPECTED_SUCCESS)
 
 
 if __name__ == "__main__":
