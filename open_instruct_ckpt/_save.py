@@ -168,7 +168,7 @@ def needed_bytes(settings: SaveSettings, model: nn.Module) -> int:
 def measure_small_files(settings: SaveSettings, model: nn.Module) -> int:
     """Bytes of the tokenizer and configs a checkpoint carries, measured by writing them to a temp dir."""
     module = settings.strategy.saved_module(model)
-    with tempfile.TemporaryDirectory(prefix="open_instruct_ckpt-size-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="open_instruct_ckpt-size-", ignore_cleanup_errors=True) as scratch:
         settings.tokenizer.save_pretrained(scratch)
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
