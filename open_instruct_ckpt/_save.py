@@ -20,11 +20,12 @@ from typing import Any
 
 from torch import nn
 
-from . import _generation_config, _io
+from . import _generation_config, _io, _progress
 from ._dist import raise_on_all_ranks
 from ._errors import CheckpointError, explained
-from ._manifest import FINAL_NAME, FORMAT
+from ._manifest import FINAL_NAME, FORMAT, describe_files
 from ._readers import read_manifest
+from ._stats import PhaseTimer, SaveStats
 from .strategies import CheckpointStrategy
 
 logger = logging.getLogger(__name__)
@@ -54,17 +55,23 @@ class SaveSettings:
     run: Run = field(default_factory=Run)
     small_files_bytes: int = _SMALL_FILES_MARGIN
     reported_leftovers: set[str] = field(default_factory=set)
+    show_progress: bool = False  # a bar for saves longer than about a second (off with disable_tqdm)
+    last_stats: SaveStats | None = None  # the writer's statistics of its latest save
 
 
 @dataclass
 class _Staged:
     directory: Path
     generation_config: Any
+    expected_bytes: int
 
 
 def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writer: bool) -> Path | None:
-    """Collective: save `model` as `<output_dir>/<name>`; returns the path on the writer, None elsewhere."""
-    started = time.perf_counter()
+    """Collective: save `model` as `<output_dir>/<name>`; returns the path on the writer, None elsewhere.
+
+    On the writer the save's statistics are left in `settings.last_stats` (and its manifest).
+    """
+    timer = PhaseTimer()
     target = settings.output_dir / name
     staged, error = None, None
     if is_writer:
@@ -73,12 +80,19 @@ def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writ
         except Exception as exc:
             error = explained(exc, target)
     raise_on_all_ranks(error)
+    timer.lap("prepare")
     published = None
     try:
-        report = settings.strategy.save(model, staged and staged.directory, staged and staged.generation_config)
+        with _progress.bar(staged is not None and settings.show_progress, staged and staged.expected_bytes,
+                           f"saving {name}"):
+            report = settings.strategy.save(model, staged and staged.directory, staged and staged.generation_config)
         if is_writer:
             settings.tokenizer.save_pretrained(str(staged.directory))
-            manifest = _io.seal(staged.directory, _manifest(settings, name, step), known_sha256=report.sha256)
+            files = describe_files(staged.directory, report.sha256)
+            timer.lap("write")
+            stats = SaveStats(name, step, sum(e["bytes"] for e in files.values()), report.peak_held_bytes, timer.seconds)
+            _io.seal(staged.directory, {**_manifest(settings, name, step), "stats": stats.in_manifest()}, files=files)
+            timer.lap("seal")
             published = _io.publish(staged.directory, settings.output_dir, name)
     except Exception as exc:
         error = explained(exc, target)
@@ -87,10 +101,14 @@ def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writ
     raise_on_all_ranks(error)
     if not is_writer:
         return None
-    written = sum(entry["bytes"] for entry in manifest["files"].values())
-    logger.info("Saved checkpoint %s: %d bytes in %.2f s (peak %d bytes held)",
-                published.path, written, time.perf_counter() - started, report.peak_held_bytes)
+    timer.lap("publish")
     _clean_up(settings, published)
+    timer.lap("cleanup")
+    stats.seconds = dict(timer.seconds)
+    stats.blocking_seconds = stats.total_seconds  # inline save; an async one would block for its snapshot only
+    settings.last_stats = stats
+    logger.info("Saved checkpoint %s: %d bytes in %.2f s (peak %d bytes held)",
+                published.path, stats.bytes, stats.total_seconds, stats.peak_held_bytes)
     return published.path
 
 
@@ -105,7 +123,7 @@ def _prepare(settings: SaveSettings, model: nn.Module, name: str) -> _Staged:
             f"not enough disk space in {settings.output_dir}: checkpoint {name} needs about {needed:,} bytes but "
             f"only {free:,} are free; free some space, lower keep_last, or choose another output_dir"
         )
-    return _Staged(_io.create_staging(settings.output_dir, name), generation_config)
+    return _Staged(_io.create_staging(settings.output_dir, name), generation_config, needed)
 
 
 def link_final(settings: SaveSettings, source: Path | None, is_writer: bool) -> Path | None:
