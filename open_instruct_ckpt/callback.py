@@ -12,8 +12,9 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
-from . import _generation_config, _logging, _run, _save, _zero3
+from . import _generation_config, _logging, _metrics, _policy, _run, _save, _zero3
 from ._dist import raise_on_all_ranks
+from ._economics import RunEconomics
 from ._lock import RunLock
 from ._manifest import FINAL_NAME, step_name
 from ._preemption import DEFAULT_SIGNALS, PreemptionWatch
@@ -56,6 +57,11 @@ class CheckpointCallback(TrainerCallback):
         preemption_signals: signals that make every rank save and stop at the next step.
         existing_checkpoints: what a run starting at step 0 does with checkpoints an earlier run
             left in output_dir: "error" (refuse before training) or "supersede" (replace and prune them).
+        mtbf_hours / failure_probability: the failure rate (mean time between failures, or the chance
+            this run fails); with either, the optimal save interval is logged and recorded with the run.
+        save_interval: "trainer" (the Trainer's `save_steps`) or "auto" (re-chosen from measured save
+            and step times after every save, never above `max_save_interval`).
+        max_save_interval: the longest interval "auto" may choose; None means `args.save_steps`.
     """
 
     def __init__(
@@ -69,8 +75,13 @@ class CheckpointCallback(TrainerCallback):
         keep_last: int | None | str = _FROM_ARGS,
         preemption_signals: Sequence[Any] = DEFAULT_SIGNALS,
         existing_checkpoints: str = "error",
+        mtbf_hours: float | None = None,
+        failure_probability: float | None = None,
+        save_interval: str = "trainer",
+        max_save_interval: int | None = None,
     ) -> None:
         _check_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints)
+        _policy.check_arguments(save_interval, max_save_interval, mtbf_hours, failure_probability)
         _generation_config.check_spec(generation_config)
         self.strategy = strategy
         self._tokenizer = tokenizer
@@ -81,6 +92,10 @@ class CheckpointCallback(TrainerCallback):
         self._existing = existing_checkpoints
         self._held = _Held(PreemptionWatch(preemption_signals))
         weakref.finalize(self, self._held.release)
+        self._save_interval = save_interval
+        self._policy = _policy.SavePolicy(self._held.watch, _policy.schedule_for(save_interval, max_save_interval))
+        self._economics = RunEconomics(mtbf_hours, failure_probability)
+        self._log = _metrics.TrainerLog()
         self._settings: _save.SaveSettings | None = None
         self._last_saved: tuple[int, Path | None] | None = None
         self.preempted = False
@@ -114,10 +129,15 @@ class CheckpointCallback(TrainerCallback):
             self.close()  # on_train_end will not run
             raise
         self._held.watch.install()
+        self._policy.schedule.start(args, state)
+        facts = {"run_id": self._settings.run.id, "save_interval": self._save_interval}
+        self._economics.start(self._settings.output_dir, self._settings.keep_last, facts)
+        self._log.attach(_metrics.calling_trainer())
 
     def _set_up(self, args: TrainingArguments, model: nn.Module | None, processing_class: Any) -> None:
         _logging.follow_trainer(args)
         _check_training_arguments(args, self.keeps_trainer_checkpoints(args), self._held.watch.signals)
+        _policy.check_training_arguments(self._save_interval, args)
         tokenizer = _resolve_tokenizer(self._tokenizer, processing_class)
         if model is None:
             raise ValueError("CheckpointCallback needs the model: use it through transformers.Trainer")
@@ -128,19 +148,24 @@ class CheckpointCallback(TrainerCallback):
         output_dir = self._output_dir or Path(args.output_dir)
         if output_dir.is_file():
             raise ValueError(f"output_dir {output_dir} is a file; pass a directory path as output_dir")
-        self._settings = _save.SaveSettings(self.strategy, tokenizer, self._generation_config, output_dir, keep_last)
+        self._settings = _save.SaveSettings(self.strategy, tokenizer, self._generation_config, output_dir, keep_last,
+                                            show_progress=not args.disable_tqdm)
 
     # -- when to save -------------------------------------------------------------------------
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self._held.watch.agreed():
+        self._economics.clock.step_end()
+        decision = self._policy.at_step_end(state, control)
+        if decision.stop:
             return self._save_for_preemption(args, state, control, kwargs["model"])
-        if control.should_save:
+        if decision.save:
             self._save_step(args, state, control, kwargs["model"])
+        if not self.keeps_trainer_checkpoints(args):
+            control.should_save = False
         return control
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if control.should_save and not self._saved_at(state.global_step):
+        if self._policy.at_epoch_end(state, control).save and not self._saved_at(state.global_step):
             self._save_step(args, state, control, kwargs["model"])
         return control
 
@@ -148,6 +173,8 @@ class CheckpointCallback(TrainerCallback):
         try:
             if not self.preempted and state.global_step >= state.max_steps:
                 self._save_final(args, state, kwargs["model"])
+            if args.should_save:
+                self._economics.finish(state.max_steps, self._policy.schedule.current_interval(args, state))
         finally:
             self.close()
         return control
@@ -161,6 +188,15 @@ class CheckpointCallback(TrainerCallback):
         self._last_saved = (state.global_step, path)
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False
+        self._after_save(args, state, control)
+
+    def _after_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """Collective (the auto interval's broadcast): measure, report and advise after a step save."""
+        advice, stats = None, self._settings.last_stats
+        if args.should_save and stats is not None:
+            self._log.emit(stats.metrics(), state, control)
+            advice = self._economics.saved(stats, state.max_steps, self._policy.schedule.current_interval(args, state))
+        self._policy.schedule.after_save(state.global_step, advice.optimal.steps if advice is not None else None)
 
     def _save_for_preemption(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module
