@@ -14,10 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._manifest import FINAL_NAME, MANIFEST_NAME, RUN_RECORD_FORMAT, RUN_RECORD_NAME, STEP_PATTERN, TEMPORARY_PATTERN
-from ._manifest import is_checkpoint_name, order_key
-from ._readers import _MAX_JSON_BYTES, _MAX_SAFETENSORS_HEADER, Unreadable, _load_json, _load_manifest, _read_all
-from ._readers import _size_problem, latest_checkpoint, open_inside
+from ._manifest import (
+    FINAL_NAME,
+    MANIFEST_NAME,
+    RUN_RECORD_FORMAT,
+    RUN_RECORD_NAME,
+    STEP_PATTERN,
+    TEMPORARY_PATTERN,
+    is_checkpoint_name,
+    order_key,
+)
+from ._readers import (
+    _MAX_JSON_BYTES,
+    _MAX_SAFETENSORS_HEADER,
+    Unreadable,
+    _load_json,
+    _load_manifest,
+    _read_all,
+    _size_problem,
+    latest_checkpoint,
+    open_inside,
+)
 
 
 @dataclass

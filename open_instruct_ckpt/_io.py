@@ -167,19 +167,20 @@ def sweep(output_dir: Path) -> list[str]:
     """Retry removing leftovers of earlier clean-ups: `.trash-`, `.tmp-`, and `.old-` copies whose
     checkpoint is back under its name. Orphaned `.old-` copies (name missing) are kept for `recover`."""
     left: list[str] = []
-    for path in _temporaries(output_dir):
-        kind, name = TEMPORARY_PATTERN.fullmatch(path.name).groups()
+    for path, kind, name in _temporaries(output_dir):
         if kind == "old" and not _superseded(output_dir, name):
             continue
         left += remove_quietly(path)
     return left
 
 
-def _temporaries(output_dir: Path) -> list[Path]:
+def _temporaries(output_dir: Path) -> list[tuple[Path, str, str]]:
+    """(path, kind, checkpoint name) of each `.<kind>-<name>-<id>` entry, sorted by path."""
     try:
-        return sorted(p for p in output_dir.iterdir() if TEMPORARY_PATTERN.fullmatch(p.name))
+        paths = sorted(output_dir.iterdir())
     except OSError:
         return []
+    return [(p, m.group(1), m.group(2)) for p in paths if (m := TEMPORARY_PATTERN.fullmatch(p.name))]
 
 
 def _superseded(output_dir: Path, name: str) -> bool:
@@ -189,8 +190,7 @@ def _superseded(output_dir: Path, name: str) -> bool:
 
 def recover(output_dir: Path) -> list[str]:
     """Start-up, under the run lock: rename orphaned `.old-` copies back, then sweep. Never raises."""
-    for path in _temporaries(output_dir):
-        kind, name = TEMPORARY_PATTERN.fullmatch(path.name).groups()
+    for path, kind, name in _temporaries(output_dir):
         target = output_dir / name
         if kind == "old" and is_checkpoint_name(name) and not os.path.lexists(target) and read_manifest(path):
             try:

@@ -30,7 +30,8 @@ def load(path: Path) -> str:
     except LoadFailed:
         raise
     except Exception as exc:  # any loader error is the verdict: report it in one line
-        raise LoadFailed(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LoadFailed(f"{type(exc).__name__}: {first_line}") from exc
 
 
 def _load_model(path: Path) -> str:
@@ -41,7 +42,8 @@ def _load_model(path: Path) -> str:
     cls = getattr(transformers, architecture, None) if architecture else None
     cls = cls or transformers.AutoModel
     model, info = cls.from_pretrained(path, output_loading_info=True)
-    wrong = {key: sorted(map(str, info.get(key) or ())) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    keys = ("missing_keys", "unexpected_keys", "mismatched_keys")
+    wrong = {key: sorted(map(str, info.get(key) or ())) for key in keys}
     wrong = {key: names for key, names in wrong.items() if names}
     if wrong:
         raise LoadFailed(f"{cls.__name__}.from_pretrained loaded with {wrong}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from types import FrameType
 from typing import Any
 
 _SEARCH_DEPTH = 8
@@ -22,7 +23,7 @@ def calling_trainer() -> Any | None:
     """The `transformers.Trainer` whose method is on the call stack, nearest first; None if there is none."""
     from transformers import Trainer
 
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(_SEARCH_DEPTH):
         if frame is None:
             return None

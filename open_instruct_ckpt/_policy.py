@@ -133,7 +133,9 @@ def check_arguments(save_interval: Any, max_interval: Any, mtbf_hours: Any, fail
             "save_interval='auto' chooses the interval from the failure rate: pass mtbf_hours= (e.g. 24) or "
             "failure_probability= (the chance this run fails, e.g. 0.1)"
         )
-    if max_interval is not None and (isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < 1):
+    if max_interval is not None and (
+        isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < 1
+    ):
         raise ValueError(f"max_save_interval={max_interval!r} must be a positive int of steps, or None (save_steps)")
     if max_interval is not None and save_interval != "auto":
         raise ValueError("max_save_interval bounds save_interval='auto'; pass save_interval='auto' or drop it")

@@ -42,7 +42,7 @@ def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -
 
 def _chunks(tensor: torch.Tensor):
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    view = memoryview(flat)
+    view = flat.data  # a memoryview of the tensor's bytes, no copy
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]
 

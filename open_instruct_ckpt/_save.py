@@ -26,7 +26,7 @@ from ._errors import CheckpointError, explained
 from ._manifest import FINAL_NAME, FORMAT, describe_files
 from ._readers import read_manifest
 from ._stats import PhaseTimer, SaveStats
-from .strategies import CheckpointStrategy
+from .strategies import CheckpointStrategy, WriteReport
 
 logger = logging.getLogger(__name__)
 
@@ -81,26 +81,19 @@ def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writ
             error = explained(exc, target)
     raise_on_all_ranks(error)
     timer.lap("prepare")
-    published = None
+    done: tuple[_io.Published, SaveStats] | None = None
     try:
-        with _progress.bar(staged is not None and settings.show_progress, staged and staged.expected_bytes,
-                           f"saving {name}"):
-            report = settings.strategy.save(model, staged and staged.directory, staged and staged.generation_config)
-        if is_writer:
-            settings.tokenizer.save_pretrained(str(staged.directory))
-            files = describe_files(staged.directory, report.sha256)
-            timer.lap("write")
-            stats = SaveStats(name, step, sum(e["bytes"] for e in files.values()), report.peak_held_bytes, timer.seconds)
-            _io.seal(staged.directory, {**_manifest(settings, name, step), "stats": stats.in_manifest()}, files=files)
-            timer.lap("seal")
-            published = _io.publish(staged.directory, settings.output_dir, name)
+        report = _write(settings, model, staged, name)
+        if staged is not None:
+            done = _seal_and_publish(settings, staged, report, name, step, timer)
     except Exception as exc:
         error = explained(exc, target)
-        if is_writer:
+        if staged is not None:
             _io.discard(staged.directory)
     raise_on_all_ranks(error)
-    if not is_writer:
+    if done is None:
         return None
+    published, stats = done
     timer.lap("publish")
     _clean_up(settings, published)
     timer.lap("cleanup")
@@ -110,6 +103,28 @@ def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writ
     logger.info("Saved checkpoint %s: %d bytes in %.2f s (peak %d bytes held)",
                 published.path, stats.bytes, stats.total_seconds, stats.peak_held_bytes)
     return published.path
+
+
+def _write(settings: SaveSettings, model: nn.Module, staged: _Staged | None, name: str) -> WriteReport:
+    """Collective: every rank gathers; the writer (holding `staged`) writes weights, configs and tokenizer."""
+    if staged is None:
+        return settings.strategy.save(model, None, None)
+    with _progress.bar(settings.show_progress, staged.expected_bytes, f"saving {name}"):
+        report = settings.strategy.save(model, staged.directory, staged.generation_config)
+    settings.tokenizer.save_pretrained(str(staged.directory))
+    return report
+
+
+def _seal_and_publish(
+    settings: SaveSettings, staged: _Staged, report: WriteReport, name: str, step: int, timer: PhaseTimer
+) -> tuple[_io.Published, SaveStats]:
+    """Writer: the manifest (with the statistics so far) last, then the rename into place."""
+    files = describe_files(staged.directory, report.sha256)
+    timer.lap("write")
+    stats = SaveStats(name, step, sum(e["bytes"] for e in files.values()), report.peak_held_bytes, dict(timer.seconds))
+    _io.seal(staged.directory, {**_manifest(settings, name, step), "stats": stats.in_manifest()}, files=files)
+    timer.lap("seal")
+    return _io.publish(staged.directory, settings.output_dir, name), stats
 
 
 def _prepare(settings: SaveSettings, model: nn.Module, name: str) -> _Staged:
@@ -132,7 +147,7 @@ def link_final(settings: SaveSettings, source: Path | None, is_writer: bool) -> 
     if is_writer:
         try:
             source_manifest = read_manifest(source) if source is not None else None
-            if source_manifest is None:
+            if source is None or source_manifest is None:
                 raise CheckpointError(f"cannot link final/ to {source}: it is not a complete checkpoint")
             staging = _io.create_staging(settings.output_dir, FINAL_NAME)
             _io.hard_link_copy(source, staging)

@@ -96,7 +96,7 @@ class CheckpointCallback(TrainerCallback):
         self._policy = _policy.SavePolicy(self._held.watch, _policy.schedule_for(save_interval, max_save_interval))
         self._economics = RunEconomics(mtbf_hours, failure_probability)
         self._log = _metrics.TrainerLog()
-        self._settings: _save.SaveSettings | None = None
+        self._settings: _save.SaveSettings  # set by _set_up, when the Trainer is built
         self._last_saved: tuple[int, Path | None] | None = None
         self.preempted = False
 
@@ -114,7 +114,7 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self.close()
-        model = kwargs.get("model")
+        model: Any = kwargs.get("model")
         self._set_up(args, model, kwargs.get("processing_class"))  # every check before the lock is taken
         self._last_saved, self.preempted = None, False
         error = None
@@ -144,8 +144,9 @@ class CheckpointCallback(TrainerCallback):
         self.strategy.check(model)
         _generation_config.build(self._generation_config, self.strategy.saved_module(model), tokenizer)
         keep_last = args.save_total_limit if self._keep_last == _FROM_ARGS else self._keep_last
-        _check_keep_last(keep_last, "TrainingArguments.save_total_limit" if self._keep_last == _FROM_ARGS else "keep_last")
-        output_dir = self._output_dir or Path(args.output_dir)
+        source = "TrainingArguments.save_total_limit" if self._keep_last == _FROM_ARGS else "keep_last"
+        keep_last = _check_keep_last(keep_last, source)
+        output_dir = self._output_dir or Path(args.output_dir or "trainer_output")  # the Trainer's own default
         if output_dir.is_file():
             raise ValueError(f"output_dir {output_dir} is a file; pass a directory path as output_dir")
         self._settings = _save.SaveSettings(self.strategy, tokenizer, self._generation_config, output_dir, keep_last,
@@ -210,7 +211,7 @@ class CheckpointCallback(TrainerCallback):
         return control
 
     def _save_final(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
-        if self._saved_at(state.global_step):
+        if self._last_saved is not None and self._last_saved[0] == state.global_step:
             _save.link_final(self._settings, self._last_saved[1], args.should_save)
         else:
             _save.save(self._settings, model, FINAL_NAME, state.global_step, args.should_save)
@@ -260,13 +261,14 @@ def _check_arguments(strategy: Any, output_dir: Any, trainer_checkpoints: Any, k
         raise ValueError(f"existing_checkpoints={existing!r} must be one of {_run.EXISTING_POLICIES}")
 
 
-def _check_keep_last(keep_last: Any, source: str) -> None:
+def _check_keep_last(keep_last: Any, source: str) -> int | None:
     if keep_last is None:
-        return
+        return None
     if isinstance(keep_last, bool) or not isinstance(keep_last, int):
         raise TypeError(f"{source}={keep_last!r} must be an int (at least 1), or None to keep every checkpoint")
     if keep_last < 1:
         raise ValueError(f"{source}={keep_last!r}: keep at least 1 checkpoint, or None to keep them all")
+    return keep_last
 
 
 def _check_training_arguments(args: TrainingArguments, keeps_trainer: bool, signals: tuple) -> None:

@@ -196,8 +196,8 @@ def _recorded_costs(run_dir: Path) -> dict[str, Any]:
     if record is None or not saves:
         raise UsageError(f"{PROG} advise: {run_dir} has no recorded saves (CheckpointCallback writes them after each "
                          "save); pass --save-seconds and --step-seconds instead")
-    blocking = [s.get("blocking_seconds") for s in saves]
-    if not all(isinstance(b, (int, float)) for b in blocking):
+    blocking = [s["blocking_seconds"] for s in saves if isinstance(s.get("blocking_seconds"), (int, float))]
+    if len(blocking) != len(saves):
         raise UsageError(f"{PROG} advise: the run record in {run_dir} is malformed; pass the costs as options")
     return {
         "save_seconds": sum(blocking) / len(blocking), "step_seconds": record.get("mean_step_seconds"),

@@ -5,7 +5,14 @@ import math
 import pytest
 
 from open_instruct_ckpt._advisor import (
-    Costs, advise, interval_cost, kept_checkpoints, optimal_interval, optimal_steps, summary, table,
+    Costs,
+    advise,
+    interval_cost,
+    kept_checkpoints,
+    optimal_interval,
+    optimal_steps,
+    summary,
+    table,
     young_daly_seconds,
 )
 
