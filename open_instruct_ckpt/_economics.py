@@ -112,6 +112,20 @@ class RunEconomics:
             self._record_failed = True
 
 
+def recorded_costs(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The advisor's inputs as a run recorded them (`Costs` fields plus `current_interval`); None if unusable."""
+    saves = [s for s in (record or {}).get("saves") or [] if isinstance(s, dict)]
+    blocking = [s["blocking_seconds"] for s in saves if isinstance(s.get("blocking_seconds"), (int, float))]
+    if record is None or not saves or len(blocking) != len(saves):
+        return None
+    return {
+        "save_seconds": sum(blocking) / len(blocking), "step_seconds": record.get("mean_step_seconds"),
+        "mtbf_hours": record.get("mtbf_hours"), "failure_probability": record.get("failure_probability"),
+        "total_steps": record.get("total_steps"), "keep_last": record.get("keep_last"),
+        "checkpoint_bytes": saves[-1].get("bytes"), "current_interval": record.get("current_interval"),
+    }
+
+
 def _write_atomically(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
     try:

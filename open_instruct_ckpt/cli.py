@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import _advisor, _inspect
+from ._economics import recorded_costs
 from ._manifest import MANIFEST_NAME
 from ._readers import latest_checkpoint, verify_checkpoint
 
@@ -123,10 +124,9 @@ def _inspect_lines(info: dict[str, Any]) -> list[str]:
 # -- verify -----------------------------------------------------------------------------------------
 
 def verify(paths: list[Path], load: bool) -> int:
-    for path in paths:
-        _directory("verify", path)
+    checkpoints = [checkpoint for path in paths for checkpoint in _checkpoints_in(_directory("verify", path))]
     failed = 0
-    for path in paths:
+    for path in checkpoints:
         problems = verify_checkpoint(path)
         if not problems and load:
             problems = _load_problems(path)
@@ -135,6 +135,14 @@ def verify(paths: list[Path], load: bool) -> int:
             print(f"  {problem}")
         failed += bool(problems)
     return FAILED if failed else OK
+
+
+def _checkpoints_in(path: Path) -> list[Path]:
+    """A checkpoint is itself; an output directory stands for each checkpoint directory in it."""
+    if (path / MANIFEST_NAME).exists():
+        return [path]
+    inside = [entry.path for entry in _inspect.list_checkpoints(path) if not entry.name.startswith(".")]
+    return inside or [path]
 
 
 def _load_problems(path: Path) -> list[str]:
@@ -191,20 +199,11 @@ def _given_costs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _recorded_costs(run_dir: Path) -> dict[str, Any]:
-    record = _inspect.read_run_record(run_dir)
-    saves = [s for s in (record or {}).get("saves") or [] if isinstance(s, dict)]
-    if record is None or not saves:
-        raise UsageError(f"{PROG} advise: {run_dir} has no recorded saves (CheckpointCallback writes them after each "
-                         "save); pass --save-seconds and --step-seconds instead")
-    blocking = [s["blocking_seconds"] for s in saves if isinstance(s.get("blocking_seconds"), (int, float))]
-    if len(blocking) != len(saves):
-        raise UsageError(f"{PROG} advise: the run record in {run_dir} is malformed; pass the costs as options")
-    return {
-        "save_seconds": sum(blocking) / len(blocking), "step_seconds": record.get("mean_step_seconds"),
-        "mtbf_hours": record.get("mtbf_hours"), "failure_probability": record.get("failure_probability"),
-        "total_steps": record.get("total_steps"), "keep_last": record.get("keep_last"),
-        "checkpoint_bytes": saves[-1].get("bytes"), "current_interval": record.get("current_interval"),
-    }
+    recorded = recorded_costs(_inspect.read_run_record(run_dir))
+    if recorded is None:
+        raise UsageError(f"{PROG} advise: {run_dir} has no readable record of its saves (CheckpointCallback writes "
+                         "it after each save); pass --save-seconds and --step-seconds instead")
+    return recorded
 
 
 # -- demo -------------------------------------------------------------------------------------------
@@ -213,6 +212,8 @@ def demo(out: Path, steps: int, save_steps: int) -> int:
     """Train a tiny Llama for a few steps with CheckpointCallback(FullModel()) and show what was written."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"{PROG} demo: --out {out} is a file, not a directory")
+    if _inspect.list_checkpoints(out):
+        raise UsageError(f"{PROG} demo: {out} already holds checkpoints; choose another --out or remove it first")
     import logging
 
     from transformers import Trainer, TrainingArguments
@@ -256,7 +257,7 @@ def _parser() -> _Parser:
     look.add_argument("path", type=Path)
     look.add_argument("--json", action="store_true", help="machine-readable output")
     check = commands.add_parser("verify", help="re-read checkpoints against their manifests (sizes, sha256)")
-    check.add_argument("paths", type=Path, nargs="+")
+    check.add_argument("paths", type=Path, nargs="+", help="checkpoints, or output directories (all their checkpoints)")
     check.add_argument("--load", action="store_true", help="also load each with the stock loader (slow: imports torch)")
     _add_advise(commands)
     run_demo = commands.add_parser("demo", help="train a tiny model for a few steps with checkpoints")

@@ -121,6 +121,20 @@ def test_verify_and_load(run_copy):
     assert done.returncode == 1 and "tokenizer.json: size 2 bytes" in done.stdout
 
 
+def test_verify_an_output_directory_checks_each_checkpoint(run_copy):
+    (run_copy / "step_2" / "config.json").unlink()
+    done = cli("verify", run_copy)
+    assert done.returncode == 1
+    assert [line.split(": ")[0] for line in done.stdout.splitlines() if not line.startswith(" ")] == [
+        str(run_copy / name) for name in ("step_4", "final", "step_2")  # as `list` orders them: incomplete last
+    ]
+    assert f"{run_copy / 'step_2'}: CORRUPT" in done.stdout and f"{run_copy / 'final'}: OK" in done.stdout
+
+
+def test_demo_refuses_an_output_directory_with_checkpoints(run):
+    assert "already holds checkpoints; choose another --out" in one_line_error(cli("demo", "--out", run))
+
+
 def test_verify_load_of_an_adapter_needs_its_base_model_path(tmp_path):
     tokenizer = llama_tokenizer()
     base = llama_model(tokenizer)
@@ -189,4 +203,6 @@ def test_inspect_of_an_output_directory_points_to_list(run):
 
 
 def test_advise_without_a_record_names_the_options(tmp_path):
-    assert "has no recorded saves" in one_line_error(cli("advise", tmp_path))
+    assert "has no readable record of its saves" in one_line_error(cli("advise", tmp_path))
+    (tmp_path / RUN_RECORD_NAME).write_text('{"format": "open_instruct_ckpt-run/1", "saves": [{"step": 1}]}')
+    assert "pass --save-seconds and --step-seconds" in one_line_error(cli("advise", tmp_path))
