@@ -179,9 +179,10 @@ def describe_failures(costs: Costs) -> str:
 def summary(advice: Advice) -> str:
     """A few lines: the optimum, the current interval against it, and disk use."""
     costs, best = advice.costs, advice.optimal
+    capped = " (capped at the run's length)" if best.steps < round(advice.optimal_exact) else ""
     lines = [
         f"save {costs.save_seconds:.2f} s blocking, step {costs.step_seconds:.3f} s, {describe_failures(costs)}",
-        f"optimal interval: {best.steps} steps ({human_seconds(best.seconds)}): overhead "
+        f"optimal interval: {best.steps} steps ({human_seconds(best.seconds)}){capped}: overhead "
         f"{best.overhead_fraction:.2%}, expected loss {best.loss_fraction:.2%} of compute",
     ]
     if advice.current is not None:

@@ -63,7 +63,10 @@ def test_disk_use_follows_retention():
 
 def test_bounds_of_the_rounded_optimum():
     assert optimal_steps(Costs(0.0, 1.0, mtbf_hours=24.0)) == 1  # free saves: every step
-    assert optimal_steps(Costs(1e6, 1.0, failure_probability=0.01, total_steps=50)) == 50
+    capped = Costs(1e6, 1.0, failure_probability=0.01, total_steps=50)
+    assert optimal_steps(capped) == 50
+    assert "optimal interval: 50 steps (50.0 s) (capped at the run's length)" in summary(advise(capped))
+    assert "capped" not in summary(advise(MTBF))
 
 
 def test_advice_table_marks_optimum_and_current():
