@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from open_instruct_ckpt import FullModel
-from open_instruct_ckpt import _save
+from open_instruct_ckpt import FullModel, _save
 from open_instruct_ckpt.tiny import llama_model, llama_tokenizer
 
 

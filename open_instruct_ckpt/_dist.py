@@ -31,6 +31,18 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def from_rank_zero(value: int) -> int:
+    """Collective: rank 0's `value` on every rank (the others' values are ignored).
+
+    Rank 0 always saves (`args.should_save`), so a decision the writer takes reaches every rank.
+    """
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_flag_device())
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
 def raise_on_all_ranks(error: BaseException | None) -> None:
     """Collective: if any rank passes an error, every rank raises.
 

@@ -10,7 +10,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be saved; raised on every rank with the same message."""
 
 
-_FIXES = {
+_FIXES: dict[int | None, str] = {
     errno.ENOSPC: "free disk space (or lower keep_last) on that filesystem",
     errno.EDQUOT: "free space within your disk quota (or lower keep_last)",
     errno.EACCES: "fix the permissions of output_dir or choose another output_dir",

@@ -50,9 +50,12 @@ def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> Iterator[dict[str,
     yield full
 
 
-def _full_tensor(tensor: DTensor) -> torch.Tensor:
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    assert isinstance(tensor, DTensor)
     if tensor.device.type != tensor.device_mesh.device_type:  # offloaded shard: gather where the mesh talks
-        tensor = tensor.to(tensor.device_mesh.device_type)
+        moved = tensor.to(tensor.device_mesh.device_type)
+        assert isinstance(moved, DTensor)
+        tensor = moved
     return tensor.full_tensor()
 
 

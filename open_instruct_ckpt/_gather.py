@@ -46,7 +46,7 @@ def stored_nbytes(tensor: torch.Tensor) -> int:
 def own_state(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """The module's own parameters and persistent buffers (not its children's), keyed by full name."""
     state: dict[str, torch.Tensor] = {f"{prefix}{n}": p for n, p in module.named_parameters(recurse=False)}
-    skipped = getattr(module, "_non_persistent_buffers_set", set())
+    skipped: set[str] = getattr(module, "_non_persistent_buffers_set", set())
     for name, buffer in module.named_buffers(recurse=False):
         if buffer is not None and name not in skipped:
             state[f"{prefix}{name}"] = buffer
@@ -78,7 +78,7 @@ def for_each_module_state(
     for _module, tensors in groups:
         keep = consume is not None and failure is None
         with _gathered(tensors, keep) as state:
-            if not keep:
+            if consume is None or not keep:
                 continue
             try:
                 consume(state)

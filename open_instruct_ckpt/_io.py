@@ -165,24 +165,25 @@ def sweep(output_dir: Path) -> dict[Path, str]:
     """Remove leftovers of earlier saves and clean-ups: every `.tmp-`, `.trash-` and `.old-` entry,
     except an orphaned `.old-` copy that `recover` can still rename back. Returns what stays, and why."""
     left = {}
-    for path in _temporaries(output_dir):
-        if not _orphan(output_dir, path):
+    for path, kind, name in _temporaries(output_dir):
+        if not _orphan(output_dir, path, kind, name):
             reason = remove_quietly(path)
             if reason:
                 left[path] = reason
     return left
 
 
-def _temporaries(output_dir: Path) -> list[Path]:
+def _temporaries(output_dir: Path) -> list[tuple[Path, str, str]]:
+    """(path, kind, checkpoint name) of each `.<kind>-<name>-<id>` entry, sorted by path."""
     try:
-        return sorted(p for p in output_dir.iterdir() if TEMPORARY_PATTERN.fullmatch(p.name))
+        paths = sorted(output_dir.iterdir())
     except OSError:
         return []
+    return [(p, m.group(1), m.group(2)) for p in paths if (m := TEMPORARY_PATTERN.fullmatch(p.name))]
 
 
-def _orphan(output_dir: Path, path: Path) -> bool:
+def _orphan(output_dir: Path, path: Path, kind: str, name: str) -> bool:
     """A complete `.old-<name>` directory whose `<name>` is not a directory: a crash between the renames."""
-    kind, name = TEMPORARY_PATTERN.fullmatch(path.name).groups()
     if kind != "old" or not is_checkpoint_name(name) or _is_real_dir(output_dir / name):
         return False
     return _is_real_dir(path) and read_manifest(path) is not None
@@ -194,8 +195,10 @@ def recover(output_dir: Path) -> dict[Path, str]:
     An orphan is a complete `.old-<name>` copy whose `<name>` is not a directory (a crash between
     the two renames); a file or symlink squatting on `<name>` is moved to the trash first.
     """
-    for path in filter(lambda p: _orphan(output_dir, p), _temporaries(output_dir)):
-        target = output_dir / TEMPORARY_PATTERN.fullmatch(path.name).group(2)
+    for path, kind, name in _temporaries(output_dir):
+        if not _orphan(output_dir, path, kind, name):
+            continue
+        target = output_dir / name
         try:
             if os.path.lexists(target):
                 _move_aside(target, "trash")

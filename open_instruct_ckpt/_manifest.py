@@ -20,6 +20,8 @@ TEMPORARY_PATTERN = re.compile(r"\.(tmp|old|trash)-(.+)-[0-9a-f]{12}")
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
 WEIGHT_SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 INDEX_NAME = "model.safetensors.index.json"
+RUN_RECORD_NAME = ".open_instruct_ckpt.run.json"  # the run's save statistics and advice, beside its checkpoints
+RUN_RECORD_FORMAT = "open_instruct_ckpt-run/1"
 _CHUNK = 16 * 1024 * 1024
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import _TYPES
 
+from . import _progress
+
 _DTYPE_NAMES = {dtype: name for name, dtype in _TYPES.items()}
 _CHUNK = 64 * 1024 * 1024
 
@@ -40,7 +42,7 @@ def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -
 
 def _chunks(tensor: torch.Tensor):
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    view = memoryview(flat)
+    view = flat.data  # a memoryview of the tensor's bytes, no copy
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]
 
@@ -63,6 +65,7 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
                 for chunk in _chunks(tensor):
                     handle.write(chunk)
                     pending.put(chunk)
+                    _progress.advance(len(chunk))
             handle.flush()
             os.fsync(handle.fileno())
     finally:

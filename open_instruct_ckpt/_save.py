@@ -20,12 +20,13 @@ from typing import Any
 
 from torch import nn
 
-from . import _generation_config, _io
+from . import _generation_config, _io, _progress
 from ._dist import raise_on_all_ranks
 from ._errors import CheckpointError, explained
-from ._manifest import FINAL_NAME, FORMAT
+from ._manifest import FINAL_NAME, FORMAT, describe_files
 from ._readers import read_manifest
-from .strategies import CheckpointStrategy
+from ._stats import PhaseTimer, SaveStats
+from .strategies import CheckpointStrategy, WriteReport
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +55,23 @@ class SaveSettings:
     run: Run = field(default_factory=Run)
     small_files_bytes: int = _SMALL_FILES_MARGIN
     reported_leftovers: set[str] = field(default_factory=set)
+    show_progress: bool = False  # a bar for saves longer than about a second (off with disable_tqdm)
+    last_stats: SaveStats | None = None  # the writer's statistics of its latest save
 
 
 @dataclass
 class _Staged:
     directory: Path
     generation_config: Any
+    expected_bytes: int
 
 
 def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writer: bool) -> Path | None:
-    """Collective: save `model` as `<output_dir>/<name>`; returns the path on the writer, None elsewhere."""
-    started = time.perf_counter()
+    """Collective: save `model` as `<output_dir>/<name>`; returns the path on the writer, None elsewhere.
+
+    On the writer the save's statistics are left in `settings.last_stats` (and its manifest).
+    """
+    timer = PhaseTimer()
     target = settings.output_dir / name
     staged, error = None, None
     if is_writer:
@@ -73,25 +80,51 @@ def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writ
         except Exception as exc:
             error = explained(exc, target)
     raise_on_all_ranks(error)
-    published = None
+    timer.lap("prepare")
+    done: tuple[_io.Published, SaveStats] | None = None
     try:
-        report = settings.strategy.save(model, staged and staged.directory, staged and staged.generation_config)
-        if is_writer:
-            settings.tokenizer.save_pretrained(str(staged.directory))
-            manifest = _io.seal(staged.directory, _manifest(settings, name, step), known_sha256=report.sha256)
-            published = _io.publish(staged.directory, settings.output_dir, name)
+        report = _write(settings, model, staged, name)
+        if staged is not None:
+            done = _seal_and_publish(settings, staged, report, name, step, timer)
     except Exception as exc:
         error = explained(exc, target)
-        if is_writer:
+        if staged is not None:
             _io.discard(staged.directory)
     raise_on_all_ranks(error)
-    if not is_writer:
+    if done is None:
         return None
-    written = sum(entry["bytes"] for entry in manifest["files"].values())
-    logger.info("Saved checkpoint %s: %d bytes in %.2f s (peak %d bytes held)",
-                published.path, written, time.perf_counter() - started, report.peak_held_bytes)
+    published, stats = done
+    timer.lap("publish")
     _clean_up(settings, published)
+    timer.lap("cleanup")
+    stats.seconds = dict(timer.seconds)
+    stats.blocking_seconds = stats.total_seconds  # inline save; an async one would block for its snapshot only
+    settings.last_stats = stats
+    logger.info("Saved checkpoint %s: %d bytes in %.2f s (peak %d bytes held)",
+                published.path, stats.bytes, stats.total_seconds, stats.peak_held_bytes)
     return published.path
+
+
+def _write(settings: SaveSettings, model: nn.Module, staged: _Staged | None, name: str) -> WriteReport:
+    """Collective: every rank gathers; the writer (holding `staged`) writes weights, configs and tokenizer."""
+    if staged is None:
+        return settings.strategy.save(model, None, None)
+    with _progress.bar(settings.show_progress, staged.expected_bytes, f"saving {name}"):
+        report = settings.strategy.save(model, staged.directory, staged.generation_config)
+    settings.tokenizer.save_pretrained(str(staged.directory))
+    return report
+
+
+def _seal_and_publish(
+    settings: SaveSettings, staged: _Staged, report: WriteReport, name: str, step: int, timer: PhaseTimer
+) -> tuple[_io.Published, SaveStats]:
+    """Writer: the manifest (with the statistics so far) last, then the rename into place."""
+    files = describe_files(staged.directory, report.sha256)
+    timer.lap("write")
+    stats = SaveStats(name, step, sum(e["bytes"] for e in files.values()), report.peak_held_bytes, dict(timer.seconds))
+    _io.seal(staged.directory, {**_manifest(settings, name, step), "stats": stats.in_manifest()}, files=files)
+    timer.lap("seal")
+    return _io.publish(staged.directory, settings.output_dir, name), stats
 
 
 def _prepare(settings: SaveSettings, model: nn.Module, name: str) -> _Staged:
@@ -105,7 +138,7 @@ def _prepare(settings: SaveSettings, model: nn.Module, name: str) -> _Staged:
             f"not enough disk space in {settings.output_dir}: checkpoint {name} needs about {needed:,} bytes but "
             f"only {free:,} are free; free some space, lower keep_last, or choose another output_dir"
         )
-    return _Staged(_io.create_staging(settings.output_dir, name), generation_config)
+    return _Staged(_io.create_staging(settings.output_dir, name), generation_config, needed)
 
 
 def link_final(settings: SaveSettings, source: Path | None, is_writer: bool) -> Path | None:
@@ -114,7 +147,7 @@ def link_final(settings: SaveSettings, source: Path | None, is_writer: bool) -> 
     if is_writer:
         try:
             source_manifest = read_manifest(source) if source is not None else None
-            if source_manifest is None:
+            if source is None or source_manifest is None:
                 raise CheckpointError(f"cannot link final/ to {source}: it is not a complete checkpoint")
             staging = _io.create_staging(settings.output_dir, FINAL_NAME)
             _io.hard_link_copy(source, staging)

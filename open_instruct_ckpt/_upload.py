@@ -248,7 +248,7 @@ def _read_manifest(path: Path) -> tuple[bytes, dict[str, Any]]:
         same = manifest is not None and json.loads(data) == manifest
     except (OSError, ValueError):
         same = False
-    if not same:
+    if not same or manifest is None:
         raise _Skip
     return data, manifest
 

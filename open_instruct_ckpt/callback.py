@@ -12,8 +12,9 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
-from . import _gather, _generation_config, _logging, _run, _save, _upload
+from . import _gather, _generation_config, _logging, _metrics, _policy, _run, _save, _upload
 from ._dist import raise_on_all_ranks
+from ._economics import RunEconomics
 from ._lock import RunLock
 from ._manifest import FINAL_NAME, step_name
 from ._preemption import DEFAULT_SIGNALS, PreemptionWatch
@@ -63,6 +64,11 @@ class CheckpointCallback(TrainerCallback):
             checkpoint there in the background, manifest last (needs `pip install "open_instruct_ckpt[s3]"`).
         upload_storage_options: fsspec options for `upload_to` (for S3: `key`, `secret`, `client_kwargs`).
         upload_wait_s: how long train end waits for the last uploads; None waits as long as they take.
+        mtbf_hours / failure_probability: the failure rate (mean time between failures, or the chance
+            this run fails); with either, the optimal save interval is logged and recorded with the run.
+        save_interval: "trainer" (the Trainer's `save_steps`) or "auto" (re-chosen from measured save
+            and step times after every save, never above `max_save_interval`).
+        max_save_interval: the longest interval "auto" may choose; None means `args.save_steps`.
     """
 
     def __init__(
@@ -79,8 +85,13 @@ class CheckpointCallback(TrainerCallback):
         upload_to: str | Path | None = None,
         upload_storage_options: dict[str, Any] | None = None,
         upload_wait_s: float | None = 3600.0,
+        mtbf_hours: float | None = None,
+        failure_probability: float | None = None,
+        save_interval: str = "trainer",
+        max_save_interval: int | None = None,
     ) -> None:
         _check_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints)
+        _policy.check_arguments(save_interval, max_save_interval, mtbf_hours, failure_probability)
         _generation_config.check_spec(generation_config)
         self.strategy = strategy
         self._tokenizer = tokenizer
@@ -92,7 +103,11 @@ class CheckpointCallback(TrainerCallback):
         uploader = _upload.Uploader(upload_to, upload_storage_options, upload_wait_s) if upload_to is not None else None
         self._held = _Held(PreemptionWatch(preemption_signals), uploader)
         weakref.finalize(self, self._held.release)
-        self._settings: _save.SaveSettings | None = None
+        self._save_interval = save_interval
+        self._policy = _policy.SavePolicy(self._held.watch, _policy.schedule_for(save_interval, max_save_interval))
+        self._economics = RunEconomics(mtbf_hours, failure_probability)
+        self._log = _metrics.TrainerLog()
+        self._settings: _save.SaveSettings  # set by _set_up, when the Trainer is built
         self._last_saved: tuple[int, Path | None] | None = None
         self.preempted = False
 
@@ -110,7 +125,7 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self.close()
-        model = kwargs.get("model")
+        model: Any = kwargs.get("model")
         self._set_up(args, model, kwargs.get("processing_class"))  # every check before the lock is taken
         self._last_saved, self.preempted = None, False
         error = None
@@ -127,10 +142,15 @@ class CheckpointCallback(TrainerCallback):
             self.close()  # on_train_end will not run
             raise
         self._held.watch.install()
+        self._policy.schedule.start(args, state)
+        facts = {"run_id": self._settings.run.id, "save_interval": self._save_interval}
+        self._economics.start(self._settings.output_dir, self._settings.keep_last, facts)
+        self._log.attach(_metrics.calling_trainer())
 
     def _set_up(self, args: TrainingArguments, model: nn.Module | None, processing_class: Any) -> None:
         _logging.follow_trainer(args)
         _check_training_arguments(args, self.keeps_trainer_checkpoints(args), self._held.watch.signals)
+        _policy.check_training_arguments(self._save_interval, args)
         tokenizer = _resolve_tokenizer(self._tokenizer, processing_class)
         if model is None:
             raise ValueError("CheckpointCallback needs the model: use it through transformers.Trainer")
@@ -138,23 +158,29 @@ class CheckpointCallback(TrainerCallback):
         self.strategy.check(model)
         _generation_config.build(self._generation_config, self.strategy.saved_module(model), tokenizer)
         keep_last = args.save_total_limit if self._keep_last == _FROM_ARGS else self._keep_last
-        _check_keep_last(keep_last, "TrainingArguments.save_total_limit" if self._keep_last == _FROM_ARGS else "keep_last")
-        output_dir = self._output_dir or Path(args.output_dir)
+        source = "TrainingArguments.save_total_limit" if self._keep_last == _FROM_ARGS else "keep_last"
+        keep_last = _check_keep_last(keep_last, source)
+        output_dir = self._output_dir or Path(args.output_dir or "trainer_output")  # the Trainer's own default
         if output_dir.is_file():
             raise ValueError(f"output_dir {output_dir} is a file; pass a directory path as output_dir")
-        self._settings = _save.SaveSettings(self.strategy, tokenizer, self._generation_config, output_dir, keep_last)
+        self._settings = _save.SaveSettings(self.strategy, tokenizer, self._generation_config, output_dir, keep_last,
+                                            show_progress=not args.disable_tqdm)
 
     # -- when to save -------------------------------------------------------------------------
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self._held.watch.agreed():
+        self._economics.clock.step_end()
+        decision = self._policy.at_step_end(state, control)
+        if decision.stop:
             return self._save_for_preemption(args, state, control, kwargs["model"])
-        if control.should_save:
+        if decision.save:
             self._save_step(args, state, control, kwargs["model"])
+        if not self.keeps_trainer_checkpoints(args):
+            control.should_save = False
         return control
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if control.should_save and not self._saved_at(state.global_step):
+        if self._policy.at_epoch_end(state, control).save and not self._saved_at(state.global_step):
             self._save_step(args, state, control, kwargs["model"])
         return control
 
@@ -164,6 +190,8 @@ class CheckpointCallback(TrainerCallback):
                 self._upload(self._save_final(args, state, kwargs["model"]))
             if self._held.uploader is not None:
                 self._held.uploader.finish()
+            if args.should_save:
+                self._economics.finish(state.max_steps, self._policy.schedule.current_interval(args, state))
         finally:
             self.close()
         return control
@@ -178,6 +206,15 @@ class CheckpointCallback(TrainerCallback):
         self._upload(path)
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False
+        self._after_save(args, state, control)
+
+    def _after_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """Collective (the auto interval's broadcast): measure, report and advise after a step save."""
+        advice, stats = None, self._settings.last_stats
+        if args.should_save and stats is not None:
+            self._log.emit(stats.metrics(), state, control)
+            advice = self._economics.saved(stats, state.max_steps, self._policy.schedule.current_interval(args, state))
+        self._policy.schedule.after_save(state.global_step, advice.optimal.steps if advice is not None else None)
 
     def _save_for_preemption(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module
@@ -191,7 +228,7 @@ class CheckpointCallback(TrainerCallback):
         return control
 
     def _save_final(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> Path | None:
-        if self._saved_at(state.global_step):
+        if self._last_saved is not None and self._last_saved[0] == state.global_step:
             return _save.link_final(self._settings, self._last_saved[1], args.should_save)
         return _save.save(self._settings, model, FINAL_NAME, state.global_step, args.should_save)
 
@@ -243,13 +280,14 @@ def _check_arguments(strategy: Any, output_dir: Any, trainer_checkpoints: Any, k
         raise ValueError(f"existing_checkpoints={existing!r} must be one of {_run.EXISTING_POLICIES}")
 
 
-def _check_keep_last(keep_last: Any, source: str) -> None:
+def _check_keep_last(keep_last: Any, source: str) -> int | None:
     if keep_last is None:
-        return
+        return None
     if isinstance(keep_last, bool) or not isinstance(keep_last, int):
         raise TypeError(f"{source}={keep_last!r} must be an int (at least 1), or None to keep every checkpoint")
     if keep_last < 1:
         raise ValueError(f"{source}={keep_last!r}: keep at least 1 checkpoint, or None to keep them all")
+    return keep_last
 
 
 def _check_training_arguments(args: TrainingArguments, keeps_trainer: bool, signals: tuple) -> None:

@@ -1,22 +1,227 @@
-"""Command line: `open-instruct-ckpt demo|list|verify`."""
+"""Command line: `open-instruct-ckpt list|latest|inspect|verify|advise|demo`.
+
+Start-up imports only the standard library and the package's stdlib-only readers; torch and
+transformers load only for `demo` and `verify --load`. A user mistake is one line on stderr and
+exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
-from ._readers import complete_checkpoints, verify_checkpoint
+from . import _advisor, _inspect
+from ._economics import recorded_costs
+from ._manifest import MANIFEST_NAME
+from ._readers import latest_checkpoint, verify_checkpoint
 
+PROG = "open-instruct-ckpt"
+OK, FAILED, USAGE = 0, 1, 2
+EPILOG = """exit codes:
+  0  success
+  1  a check failed: verify found a damaged checkpoint (or, with --load, it did not load);
+     inspect found an incomplete checkpoint; latest found no complete checkpoint
+  2  a usage mistake: bad arguments, a path that does not exist, a file where a directory is expected
+
+Scripts: --model $(open-instruct-ckpt latest out)"""
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _directory(command: str, path: Path) -> Path:
+    if not path.exists():
+        raise UsageError(f"{PROG} {command}: {path} does not exist")
+    if not path.is_dir():
+        raise UsageError(f"{PROG} {command}: {path} is a file, not a directory")
+    return path
+
+
+# -- list, latest -----------------------------------------------------------------------------------
+
+def list_checkpoints(output_dir: Path) -> int:
+    entries = _inspect.list_checkpoints(_directory("list", output_dir))
+    if not entries:
+        print(f"{PROG} list: no checkpoints in {output_dir}", file=sys.stderr)
+        return OK
+    width = max(len(e.name) for e in entries)
+    print(f"{'name':<{width}}  {'step':>7}  {'size':>10}  status")
+    for entry in entries:
+        status = "complete" if entry.complete else f"incomplete ({entry.problem})"
+        if entry.latest:
+            status += "  latest"
+        if entry.linked_from:
+            status += f"  (hard links to {entry.linked_from})"
+        step = "-" if entry.step is None else str(entry.step)
+        print(f"{entry.name:<{width}}  {step:>7}  {_advisor.human_bytes(entry.bytes):>10}  {status}")
+    return OK
+
+
+def latest(output_dir: Path) -> int:
+    found = latest_checkpoint(_directory("latest", output_dir))
+    if found is None:
+        print(f"{PROG} latest: no complete checkpoint in {output_dir}", file=sys.stderr)
+        return FAILED
+    print(found)
+    return OK
+
+
+# -- inspect ----------------------------------------------------------------------------------------
+
+def inspect(path: Path, as_json: bool) -> int:
+    directory = _directory("inspect", path)
+    if not (directory / MANIFEST_NAME).exists() and _inspect.list_checkpoints(directory):
+        raise UsageError(f"{PROG} inspect: {path} is an output directory; inspect one of its checkpoints "
+                         f"(see: {PROG} list {path})")
+    info = _inspect.describe(directory)
+    print(json.dumps(info, indent=2, default=str) if as_json else "\n".join(_inspect_lines(info)))
+    return OK if info["complete"] else FAILED
+
+
+def _inspect_lines(info: dict[str, Any]) -> list[str]:
+    complete = "yes (manifest valid, files present with their sizes)" if info["complete"] else f"no: {info['problem']}"
+    lines = [info["path"], f"  complete:    {complete}", f"  step:        {info['step']}",
+             f"  strategy:    {info['strategy']}"]
+    weights, config = info["weights"], info["config"]
+    if weights:
+        lines.append(f"  weights:     {weights['parameters']:,} parameters in {weights['tensors']} tensors, "
+                     f"dtype {', '.join(weights['dtypes'])}")
+    if config:
+        lines.append(f"  model:       {', '.join(config['architectures'] or ['?'])} ({config['model_type']}), "
+                     f"config dtype {config['dtype']}")
+    if info["adapter"]:
+        adapter = info["adapter"]
+        lines.append(f"  adapter:     {adapter['peft_type']} r={adapter['r']} on {adapter['target_modules']}, "
+                     f"base {adapter['base_model_name_or_path'] or '(not set: AutoPeftModel cannot load it)'}")
+    generation = info["generation_config"]
+    if generation:
+        eos = ", ".join(f"{i} {t!r}" if t is not None else str(i)
+                        for i, t in zip(generation["eos_token_id"], generation["eos_tokens"]))
+        lines.append(f"  generation:  eos_token_id [{eos}], bos {generation['bos_token_id']}, "
+                     f"pad {generation['pad_token_id']}")
+    if info["tokenizer"]:
+        tok = info["tokenizer"]
+        lines.append(f"  tokenizer:   {tok['class']}, vocab {tok['vocab_size']}, eos {tok['eos_token']!r}, "
+                     f"pad {tok['pad_token']!r}")
+    if info["linked_from"]:
+        lines.append(f"  final/:      hard links to {info['linked_from']} (shares its files, not a copy)")
+    elif info["final_links_here"]:
+        lines.append("  final/:      hard links to this checkpoint (shares its files, not a copy)")
+    lines.append(f"  files:       {len(info['files'])}, {_advisor.human_bytes(info['total_bytes'])}")
+    lines += [f"    {name:<40} {_advisor.human_bytes(size):>10}" for name, size in info["files"].items()]
+    return lines
+
+
+# -- verify -----------------------------------------------------------------------------------------
+
+def verify(paths: list[Path], load: bool) -> int:
+    checkpoints = [checkpoint for path in paths for checkpoint in _checkpoints_in(_directory("verify", path))]
+    failed = 0
+    for path in checkpoints:
+        problems = verify_checkpoint(path)
+        if not problems and load:
+            problems = _load_problems(path)
+        print(f"{path}: {'OK' if not problems else 'CORRUPT'}")
+        for problem in problems:
+            print(f"  {problem}")
+        failed += bool(problems)
+    return FAILED if failed else OK
+
+
+def _checkpoints_in(path: Path) -> list[Path]:
+    """A checkpoint is itself; an output directory stands for each checkpoint directory in it."""
+    if (path / MANIFEST_NAME).exists():
+        return [path]
+    inside = [entry.path for entry in _inspect.list_checkpoints(path) if not entry.name.startswith(".")]
+    return inside or [path]
+
+
+def _load_problems(path: Path) -> list[str]:
+    from ._loadcheck import LoadFailed, load
+
+    try:
+        print(f"{path}: loaded {load(path)}")
+    except LoadFailed as exc:
+        return [f"load failed: {exc}"]
+    return []
+
+
+# -- advise -----------------------------------------------------------------------------------------
+
+def advise(args: argparse.Namespace) -> int:
+    recorded: dict[str, Any] = {}
+    if args.run_dir is not None:
+        recorded = _recorded_costs(_directory("advise", args.run_dir))
+    values = {**recorded, **{k: v for k, v in _given_costs(args).items() if v is not None}}
+    if args.mtbf_hours is not None:
+        values["failure_probability"] = None  # the command line wins over the record
+    if args.failure_probability is not None:
+        values["mtbf_hours"] = None
+    current = values.pop("current_interval", None)
+    for name in ("save_seconds", "step_seconds"):
+        if values.get(name) is None:
+            raise UsageError(f"{PROG} advise: give --{name.replace('_', '-')} (or a RUN_DIR that recorded it)")
+    if values.get("mtbf_hours") is None and values.get("failure_probability") is None:
+        raise UsageError(f"{PROG} advise: give --mtbf-hours (e.g. 24) or --failure-probability with --total-steps")
+    costs = _advisor.Costs(**values)
+    try:
+        advice = _advisor.advise(costs, current)
+    except ValueError as exc:
+        raise UsageError(f"{PROG} advise: {exc}") from None
+    if args.json:
+        print(json.dumps(advice.to_dict(), indent=2))
+        return OK
+    print(f"Checkpoint economics: {_advisor.summary(advice)}")
+    if costs.mtbf_hours is not None:
+        young = _advisor.young_daly_seconds(costs.save_seconds, costs.mtbf_hours)
+        print(f"Young/Daly: sqrt(2 x {costs.save_seconds:.3g} s x {costs.mtbf_hours:g} h) = "
+              f"{_advisor.human_seconds(young)} between saves")
+    print()
+    print(_advisor.table(advice))
+    return OK
+
+
+def _given_costs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "save_seconds": args.save_seconds, "step_seconds": args.step_seconds, "mtbf_hours": args.mtbf_hours,
+        "failure_probability": args.failure_probability, "total_steps": args.total_steps,
+        "keep_last": args.keep_last, "checkpoint_bytes": args.checkpoint_bytes, "current_interval": args.interval,
+    }
+
+
+def _recorded_costs(run_dir: Path) -> dict[str, Any]:
+    recorded = recorded_costs(_inspect.read_run_record(run_dir))
+    if recorded is None:
+        raise UsageError(f"{PROG} advise: {run_dir} has no readable record of its saves (CheckpointCallback writes "
+                         "it after each save); pass --save-seconds and --step-seconds instead")
+    return recorded
+
+
+# -- demo -------------------------------------------------------------------------------------------
 
 def demo(out: Path, steps: int, save_steps: int) -> int:
     """Train a tiny Llama for a few steps with CheckpointCallback(FullModel()) and show what was written."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{PROG} demo: --out {out} is a file, not a directory")
+    if _inspect.list_checkpoints(out):
+        raise UsageError(f"{PROG} demo: {out} already holds checkpoints; choose another --out or remove it first")
+    import logging
+
     from transformers import Trainer, TrainingArguments
 
-    from . import CheckpointCallback, FullModel, latest_checkpoint
+    from . import CheckpointCallback, CheckpointError, FullModel
     from .tiny import TinyTextDataset, llama_model, llama_tokenizer
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tokenizer = llama_tokenizer()
     model = llama_model(tokenizer)
     args = TrainingArguments(
@@ -28,52 +233,81 @@ def demo(out: Path, steps: int, save_steps: int) -> int:
         model=model, args=args, train_dataset=TinyTextDataset(len(tokenizer)), processing_class=tokenizer,
         callbacks=[CheckpointCallback(FullModel())],
     )
-    trainer.train()
+    try:
+        trainer.train()
+    except CheckpointError as exc:
+        print(f"{PROG} demo: {exc}", file=sys.stderr)
+        return FAILED
     list_checkpoints(out)
     print(f"latest: {latest_checkpoint(out)}")
-    return 0
+    return OK
 
 
-def list_checkpoints(output_dir: Path) -> int:
-    if not output_dir.is_dir():
-        what = "is not a directory" if output_dir.exists() else "does not exist"
-        print(f"open-instruct-ckpt list: {output_dir} {what}", file=sys.stderr)
-        return 2
-    for path, manifest in complete_checkpoints(output_dir):
-        size = sum(entry["bytes"] for entry in manifest["files"].values())
-        print(f"{path.name:>12}  step {manifest['step']:>6}  {size:>12,} bytes  {len(manifest['files'])} files")
-    return 0
+# -- the parser -------------------------------------------------------------------------------------
 
-
-def verify(paths: list[Path]) -> int:
-    failed = 0
-    for path in paths:
-        problems = verify_checkpoint(path)
-        print(f"{path}: {'OK' if not problems else 'CORRUPT'}")
-        for problem in problems:
-            print(f"  {problem}")
-        failed += bool(problems)
-    return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="open-instruct-ckpt")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _parser() -> _Parser:
+    parser = _Parser(prog=PROG, description="Find, check and size the checkpoints CheckpointCallback writes.",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listing = commands.add_parser("list", help="checkpoints in order: complete or not, size, which is latest")
+    listing.add_argument("output_dir", type=Path)
+    newest = commands.add_parser("latest", help="print the newest complete checkpoint's path (for scripts)")
+    newest.add_argument("output_dir", type=Path)
+    look = commands.add_parser("inspect", help="step, strategy, files, dtype, parameters, EOS, tokenizer, final/")
+    look.add_argument("path", type=Path)
+    look.add_argument("--json", action="store_true", help="machine-readable output")
+    check = commands.add_parser("verify", help="re-read checkpoints against their manifests (sizes, sha256)")
+    check.add_argument("paths", type=Path, nargs="+", help="checkpoints, or output directories (all their checkpoints)")
+    check.add_argument("--load", action="store_true", help="also load each with the stock loader (slow: imports torch)")
+    _add_advise(commands)
     run_demo = commands.add_parser("demo", help="train a tiny model for a few steps with checkpoints")
     run_demo.add_argument("--out", type=Path, required=True)
     run_demo.add_argument("--steps", type=int, default=6)
     run_demo.add_argument("--save-steps", type=int, default=2)
-    listing = commands.add_parser("list", help="list the complete checkpoints in an output directory")
-    listing.add_argument("output_dir", type=Path)
-    check = commands.add_parser("verify", help="re-read checkpoints against their manifests")
-    check.add_argument("paths", type=Path, nargs="+")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "demo":
+    return parser
+
+
+def _add_advise(commands: Any) -> None:
+    advice = commands.add_parser(
+        "advise", help="the optimal save interval and a trade-off table, from costs or a run's record",
+        description="N* = sqrt(2 T C / (F s)) steps; with an MTBF, N* s = sqrt(2 C MTBF) (Young/Daly). "
+                    "C: blocking seconds per save, s: seconds per step, T: total steps, F: expected failures.",
+    )
+    advice.add_argument("run_dir", type=Path, nargs="?", help="an output_dir whose run recorded its saves")
+    advice.add_argument("--save-seconds", type=float, help="C: seconds training waits for one save")
+    advice.add_argument("--step-seconds", type=float, help="s: seconds per training step")
+    failures = advice.add_mutually_exclusive_group()
+    failures.add_argument("--mtbf-hours", type=float, help="mean time between failures, in hours")
+    failures.add_argument("--failure-probability", type=float, help="the chance the run fails (needs --total-steps)")
+    advice.add_argument("--total-steps", type=int, help="T: the run's length in steps")
+    advice.add_argument("--interval", type=int, help="the current save interval in steps, to compare")
+    advice.add_argument("--keep-last", type=int, help="retention, for disk use")
+    advice.add_argument("--checkpoint-bytes", type=int, help="size of one checkpoint, for disk use")
+    advice.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "list":
+            return list_checkpoints(args.output_dir)
+        if args.command == "latest":
+            return latest(args.output_dir)
+        if args.command == "inspect":
+            return inspect(args.path, args.json)
+        if args.command == "verify":
+            return verify(args.paths, args.load)
+        if args.command == "advise":
+            return advise(args)
         return demo(args.out, args.steps, args.save_steps)
-    if args.command == "list":
-        return list_checkpoints(args.output_dir)
-    return verify(args.paths)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
+        sys.stderr.close()
+        return FAILED
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ import json
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import nn
 from huggingface_hub.serialization._base import parse_size_to_int
+from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from ._gather import for_each_module_state, model_class, own_state, settle, stored_nbytes
@@ -158,7 +158,7 @@ def write_module(
         return WriteReport()
     writer.finish()
     if isinstance(module, PreTrainedModel):
-        _write_model_configs(module, directory, generation_config)
+        _write_model_configs(module, writer.directory, generation_config)
     return WriteReport(writer.peak_held_bytes, dict(writer.sha256))
 
 
@@ -193,13 +193,13 @@ class LoRAAdapter:
                 "peft.get_peft_model(model, LoraConfig(...)) or use FullModel() to save all weights"
             )
 
-    def saved_module(self, model: nn.Module) -> nn.Module:
+    def saved_module(self, model: Any) -> nn.Module:  # a peft.PeftModel (peft is imported lazily: typed Any)
         return model.get_base_model()
 
     def estimate_bytes(self, model: nn.Module) -> int:
         return sum(stored_nbytes(t) for _, own in self._groups(model) for t in own.values())
 
-    def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+    def save(self, model: Any, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         self.check(model)
         settle(model)
         state: dict[str, torch.Tensor] = {}
@@ -231,12 +231,12 @@ class LoRAAdapter:
         return _embeddings_targeted(model) or _embeddings_resized(model)
 
 
-def _embedding_layers(model: nn.Module) -> list[nn.Module]:
+def _embedding_layers(model: Any) -> list[nn.Module]:
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     return [layer for layer in layers if layer is not None]
 
 
-def _embeddings_targeted(model: nn.Module) -> bool:
+def _embeddings_targeted(model: Any) -> bool:
     from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
     config = model.peft_config[model.active_adapter]
@@ -245,7 +245,7 @@ def _embeddings_targeted(model: nn.Module) -> bool:
     return any(name in targets for name in EMBEDDING_LAYER_NAMES)
 
 
-def _embeddings_resized(model: nn.Module) -> bool:
+def _embeddings_resized(model: Any) -> bool:
     config = model.peft_config[model.active_adapter]
     base_config = Path(config.base_model_name_or_path or "") / "config.json"
     if not config.base_model_name_or_path or not base_config.is_file():

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, OlmoConfig, OlmoForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    OlmoConfig,
+    OlmoForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 WORDS = "the a model saves checkpoints under zero three with lora adapters and writes tokens to disk".split()
 OLMO_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -64,7 +71,7 @@ def olmo_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0) -> O
 class PolicyAndValue(torch.nn.Module):
     """A PPO-style composite: a causal-LM `policy` and a scalar `value_head` trained together."""
 
-    def __init__(self, policy: torch.nn.Module) -> None:
+    def __init__(self, policy: PreTrainedModel) -> None:
         super().__init__()
         self.policy = policy
         self.value_head = torch.nn.Linear(policy.config.hidden_size, 1)

@@ -20,8 +20,7 @@ from moto.server import ThreadedMotoServer
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from conftest import entries, logits, make_trainer
-from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, verify_checkpoint
-from open_instruct_ckpt import _remote
+from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, _remote, verify_checkpoint
 from open_instruct_ckpt._save import SaveSettings, save
 from open_instruct_ckpt._upload import Retry, Uploader
 

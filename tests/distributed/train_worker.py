@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from spies import allow_file_writes, forbid_file_writes, install_audit, spy_on_gathers
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
@@ -37,7 +38,6 @@ from transformers import TrainerCallback
 from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _gather, _safetensors
 from open_instruct_ckpt._shards import plan_shards
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
-from spies import allow_file_writes, forbid_file_writes, install_audit, spy_on_gathers
 
 PROBE_IDS = [[5, 6, 7, 8, 9, 10, 11, 12]]
 EXPECTED_ERROR, UNEXPECTED_SUCCESS = 3, 4
