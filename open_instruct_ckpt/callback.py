@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
@@ -228,9 +229,13 @@ class CheckpointCallback(TrainerCallback):
         return control
 
     def _save_final(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> Path | None:
-        if self._last_saved is not None and self._last_saved[0] == state.global_step:
+        """`final/` links the last step's files, unless the strategy writes more at the end (a merged LoRA)."""
+        at_final = getattr(self.strategy, "at_final", None)
+        final = at_final(self._settings.tokenizer) if at_final is not None else self.strategy
+        if final is self.strategy and self._last_saved is not None and self._last_saved[0] == state.global_step:
             return _save.link_final(self._settings, self._last_saved[1], args.should_save)
-        return _save.save(self._settings, model, FINAL_NAME, state.global_step, args.should_save)
+        settings = self._settings if final is self.strategy else dataclasses.replace(self._settings, strategy=final)
+        return _save.save(settings, model, FINAL_NAME, state.global_step, args.should_save)
 
     def _upload(self, published: Path | None) -> None:
         """Queue a checkpoint just published on this rank, when this rank uploads (rank 0 with upload_to)."""

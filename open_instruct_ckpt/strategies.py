@@ -178,13 +178,18 @@ class LoRAAdapter:
     Every trainable parameter is saved (so `modules_to_save` works). `save_embedding_layers=None`
     saves the full embedding layers when they are targeted, or resized relative to a local base
     model directory; pass True for a vocabulary resized without a local base to compare with.
+    `merged_final=True` also writes, at the final save only, the merged full model into `final/merged/`
+    (loadable without PEFT; see `_merged_lora`).
     """
 
     save_embedding_layers: bool | None = None
+    merged_final: bool = False
 
     def __post_init__(self) -> None:
         if self.save_embedding_layers not in (None, True, False):
             raise TypeError(f"LoRAAdapter(save_embedding_layers={self.save_embedding_layers!r}): use None, True or False")
+        if not isinstance(self.merged_final, bool):
+            raise TypeError(f"LoRAAdapter(merged_final={self.merged_final!r}): use True or False")
 
     def check(self, model: nn.Module) -> None:
         if not _is_peft(model):
@@ -192,6 +197,18 @@ class LoRAAdapter:
                 f"LoRAAdapter needs a peft.PeftModel, got {type(model).__name__}; wrap the model with "
                 "peft.get_peft_model(model, LoraConfig(...)) or use FullModel() to save all weights"
             )
+        if self.merged_final:
+            from ._merged_lora import check_mergeable
+
+            check_mergeable(model)
+
+    def at_final(self, tokenizer: Any) -> CheckpointStrategy:
+        """The strategy of the final save: this one, or with `merged_final` the adapter plus `final/merged/`."""
+        if not self.merged_final:
+            return self
+        from ._merged_lora import MergedLoRAFinal
+
+        return MergedLoRAFinal(self, tokenizer)
 
     def saved_module(self, model: Any) -> nn.Module:  # a peft.PeftModel (peft is imported lazily: typed Any)
         return model.get_base_model()

@@ -1,0 +1,214 @@
+"""Merged LoRA for serving: the base model with every LoRA layer's `W + scaling * B @ A`, as `save_pretrained` lays it out.
+
+A transform in the write plan, not a second writer: the groups come from the live PEFT model (a
+LoRA layer's `base_layer` tensors together with its `lora_A`/`lora_B`), each gathered group is merged
+into new tensors (fp32, cast back to the base dtype) under the plain model's names, and the same
+`ShardWriter` writes the files. The training model is only read, never merged in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from torch import nn
+from transformers import GenerationConfig
+from transformers.pytorch_utils import Conv1D
+
+from ._gather import for_each_module_state, own_state, stored_numel
+from ._shards import (
+    DEFAULT_MAX_SHARD_SIZE,
+    WEIGHTS_PATTERN,
+    ShardPlan,
+    ShardWriter,
+    _meta_like,
+    _name_reverter,
+    _untied_names,
+)
+from .strategies import LoRAAdapter, WriteReport, _write_model_configs
+
+MERGED_DIR = "merged"
+_FIX = "set merged_final=False and, after training, save model.merge_and_unload() yourself"
+
+
+@dataclass(frozen=True)
+class MergedLoRAFinal:
+    """The final save of `LoRAAdapter(merged_final=True)`: the adapter in `final/`, the merged model in `final/merged/`.
+
+    `final/merged/` is a self-contained `from_pretrained` directory (weights, config, generation config, tokenizer).
+    """
+
+    adapter: LoRAAdapter
+    tokenizer: Any = field(repr=False, compare=False)
+
+    def check(self, model: nn.Module) -> None:
+        self.adapter.check(model)
+
+    def saved_module(self, model: nn.Module) -> nn.Module:
+        return self.adapter.saved_module(model)
+
+    def estimate_bytes(self, model: nn.Module) -> int:
+        return self.adapter.estimate_bytes(model) + plan_merged(model)[0].total_bytes
+
+    def save(self, model: Any, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        """Collective: the adapter save, then the merged model's gather; the writer writes both."""
+        adapter_report = self.adapter.save(model, directory, generation_config)
+        merged = directory / MERGED_DIR if directory is not None else None
+        report = write_merged(model, merged, generation_config)
+        if merged is None:
+            return WriteReport()
+        self.tokenizer.save_pretrained(str(merged))
+        sha256 = {**adapter_report.sha256, **{f"{MERGED_DIR}/{f}": h for f, h in report.sha256.items()}}
+        return WriteReport(max(adapter_report.peak_held_bytes, report.peak_held_bytes), sha256)
+
+
+def write_merged(model: Any, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+    """Collective: gather the base and LoRA factors module by module; the writer (with `directory`) writes merged shards."""
+    plan, merge = plan_merged(model)
+    writer = None
+    if directory is not None:
+        directory.mkdir()
+        writer = ShardWriter(directory, plan)
+    consume = (lambda state: writer.add(plan.revert_names(merge(state)))) if writer else None
+    for_each_module_state(plan.groups, consume)
+    if writer is None:
+        return WriteReport()
+    writer.finish()
+    _write_model_configs(model.get_base_model(), writer.directory, generation_config)
+    return WriteReport(writer.peak_held_bytes, dict(writer.sha256))
+
+
+# -- the plan, from stored shapes --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Factors:
+    """One LoRA layer's merge: the names of its gathered factors and how to combine them."""
+
+    lora_a: str
+    lora_b: str
+    scaling: float
+    fan_in_fan_out: bool
+
+    def apply(self, weight: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        # New tensors only: on CPU the gathered `weight` is the live parameter itself.
+        delta = (state[self.lora_b].float() @ state[self.lora_a].float()) * self.scaling
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return (weight.float() + delta).to(weight.dtype)
+
+
+def plan_merged(model: Any) -> tuple[ShardPlan, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]:
+    """Local, no gather: the merged model's shard plan (groups hold live names) and the per-group transform."""
+    base = model.get_base_model()
+    layers = _lora_layers(base)
+    state = dict(base.state_dict(keep_vars=True))
+    for key in getattr(base, "_keys_to_ignore_on_save", None) or []:
+        state.pop(key, None)
+    rename = {name: merged for name in state if (merged := _merged_name(name, layers)) is not None}
+    kept = _untied_names(base, {merged: state[name] for name, merged in rename.items()})
+    rename = {name: merged for name, merged in rename.items() if merged in kept}
+    factors = {f"{p}.base_layer.weight": _factors(p, layer, model.active_adapter) for p, layer in layers.items()}
+    revert_names = _name_reverter(base)
+    final_meta = revert_names({merged: _meta_like(state[name]) for name, merged in rename.items()})
+    split = split_torch_state_dict_into_shards(final_meta, filename_pattern=WEIGHTS_PATTERN, max_shard_size=DEFAULT_MAX_SHARD_SIZE)
+    lora_ids = {id(t) for name, t in state.items() if name not in rename and _merged_name(name, layers) is None}
+    plan = ShardPlan(
+        groups=_groups(base, layers, state, rename, factors),
+        filename_to_names={f: list(names) for f, names in split.filename_to_tensors.items()},
+        index_metadata={"total_parameters": sum(stored_numel(p) for p in base.parameters() if id(p) not in lora_ids),
+                        **split.metadata},
+        is_sharded=split.is_sharded,
+        revert_names=revert_names,
+    )
+
+    def merge(gathered: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, tensor in gathered.items():
+            if name in rename:
+                out[rename[name]] = factors[name].apply(tensor, gathered) if name in factors else tensor
+        return out
+
+    return plan, merge
+
+
+def _merged_name(name: str, layers: dict[str, Any]) -> str | None:
+    """`...q_proj.base_layer.weight` -> `...q_proj.weight`; None for a LoRA factor (`...q_proj.lora_A.default.weight`)."""
+    for prefix in layers:
+        if name.startswith(f"{prefix}.base_layer."):
+            return f"{prefix}.{name[len(prefix) + len('.base_layer.'):]}"
+        if name.startswith(f"{prefix}."):
+            return None
+    return name
+
+
+def _factors(prefix: str, layer: Any, adapter: str) -> _Factors:
+    return _Factors(f"{prefix}.lora_A.{adapter}.weight", f"{prefix}.lora_B.{adapter}.weight",
+                    float(layer.scaling[adapter]), bool(layer.fan_in_fan_out))
+
+
+def _groups(base: nn.Module, layers: dict[str, Any], state: dict[str, torch.Tensor],
+            rename: dict[str, str], factors: dict[str, _Factors]) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """One group per LoRA layer (base tensors + its factors), one per other module; each name once, in module (state dict) order."""
+    groups, seen = [], set[str]()
+    for prefix, module in base.named_modules(remove_duplicate=False):
+        if any(prefix.startswith(f"{p}.") for p in layers):
+            continue
+        own = own_state(module, f"{prefix}." if prefix else "")
+        if prefix in layers:
+            own = {n: state[n] for n in state if n.startswith(f"{prefix}.base_layer.")}
+            weight = factors[f"{prefix}.base_layer.weight"]
+            own.update({weight.lora_a: state[weight.lora_a], weight.lora_b: state[weight.lora_b]})
+        fresh = {n: t for n, t in own.items() if n not in seen and (n in rename or prefix in layers)}
+        seen.update(fresh)
+        if fresh:
+            groups.append((module, fresh))
+    return groups
+
+
+# -- what can be merged ------------------------------------------------------------------------
+
+def _lora_layers(base: nn.Module) -> dict[str, Any]:  # peft's BaseTunerLayer modules
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: module for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def check_mergeable(model: Any) -> None:
+    """Local: raise ValueError naming the fix when the live PEFT model is not plain LoRA on linear layers."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if len(model.peft_config) != 1:
+        _refuse(f"{len(model.peft_config)} adapters ({', '.join(model.peft_config)}); it merges exactly one")
+    config = model.peft_config[model.active_adapter]
+    if str(config.peft_type) not in ("LORA", "PeftType.LORA"):
+        _refuse(f"a {config.peft_type} adapter; it merges LoRA only")
+    for option in ("modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters"):
+        if getattr(config, option, None):
+            _refuse(f"LoraConfig({option}={getattr(config, option)!r})")
+    for name, module in _lora_layers(model.get_base_model()).items():
+        _check_layer(name, module)
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            _refuse(f"{name} is a {type(module).__name__} (modules_to_save or trainable tokens)")
+
+
+def _check_layer(name: str, module: Any) -> None:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(module) is not LoraLinear or type(module.get_base_layer()) not in (nn.Linear, Conv1D):
+        _refuse(f"{name} is a {type(module).__name__} over {type(module.get_base_layer()).__name__} "
+                "(only LoRA on torch Linear layers merges here, not embeddings, convolutions or quantized layers)")
+    if module.lora_variant:
+        _refuse(f"{name} uses a LoRA variant such as DoRA ({', '.join(sorted(module.lora_variant))})")
+    if any(module.lora_bias.values()):
+        _refuse(f"{name} uses lora_bias")
+    if module.merged:
+        _refuse(f"{name} has its adapter merged into the base weights already")
+
+
+def _refuse(reason: str) -> None:
+    raise ValueError(f"LoRAAdapter(merged_final=True) cannot merge this model: {reason}; {_FIX}")
