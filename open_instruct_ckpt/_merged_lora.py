@@ -19,7 +19,7 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
-from ._gather import for_each_module_state, own_state, stored_numel
+from ._gather import for_each_module_state, model_class, own_state, stored_numel
 from ._shards import (
     DEFAULT_MAX_SHARD_SIZE,
     WEIGHTS_PATTERN,
@@ -199,7 +199,7 @@ def check_mergeable(model: Any) -> None:
 def _check_layer(name: str, module: Any) -> None:
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(module) is not LoraLinear or type(module.get_base_layer()) not in (nn.Linear, Conv1D):
+    if model_class(module) is not LoraLinear or model_class(module.get_base_layer()) not in (nn.Linear, Conv1D):
         _refuse(f"{name} is a {type(module).__name__} over {type(module.get_base_layer()).__name__} "
                 "(only LoRA on torch Linear layers merges here, not embeddings, convolutions or quantized layers)")
     if module.lora_variant:
