@@ -122,5 +122,25 @@ def lora_gathered_only_the_adapter(run: Run, embeddings: bool = False, saves: in
         assert len(gathered) == len(adapter) + len(embedding), gathered  # nothing of the frozen base
 
 
+def merged_lora_matches_live(run: Run, step: int) -> None:
+    """`final/merged/` loads without PEFT, its logits match the live PEFT model's, and every rank gathered the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from open_instruct_ckpt import verify_checkpoint
+
+    final = run.checkpoints / "final"
+    model = AutoModelForCausalLM.from_pretrained(final / "merged").eval()
+    assert not isinstance(model, PeftModel)
+    with torch.no_grad():
+        difference = (model(input_ids=PROBE_IDS).logits - run.reference(step)["logits"]).abs().max().item()
+    assert difference <= 1e-5, difference
+    assert verify_checkpoint(final) == [] and not (run.checkpoints / f"step_{step}" / "merged").exists()
+    writer_side_files_load(final / "merged")
+    for rank in (0, 1):
+        gathered = [name for name, _ in run.report(rank)["gathered"]]
+        assert any(".base_layer." in name for name in gathered) and any(name.endswith("model.norm.weight") for name in gathered), gathered
+
+
 def _peft_file_key(name: str) -> str:
     return name.replace(".default.", ".")

@@ -161,3 +161,9 @@ def test_write_failure_mid_gather_reaches_every_rank_after_all_gathers(disk_fill
 
 def test_warns_when_trainer_would_gather_the_full_model(disk_fills_mid_save):
     assert [m for m in disk_fills_mid_save.report(0)["warnings"] if FULL_STATE_DICT_WARNING in m]
+
+
+def test_merged_lora_final_gathers_the_base_and_loads_without_peft(launched):
+    run = launched("--strategy", "lora", "--engine", "fsdp2", "--merged-final").check()
+    checks.sharded(run)
+    checks.merged_lora_matches_live(run, 4)

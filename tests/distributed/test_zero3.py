@@ -77,3 +77,9 @@ def test_nonwriter_rank_writes_nothing(run, request):
 
 def test_no_trainer_gather_warning_when_disabled(full):
     assert not any("stage3_gather_16bit" in message for message in full.report(0).get("warnings", []))
+
+
+def test_merged_lora_final_gathers_the_base_and_loads_without_peft(launched):
+    run = launched("--strategy", "lora", "--engine", "zero3", "--merged-final").check()
+    checks.sharded(run)
+    checks.merged_lora_matches_live(run, 4)

@@ -53,6 +53,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--max-shard-size", type=int, default=None)
     parser.add_argument("--tie", action="store_true")
     parser.add_argument("--lora-embeddings", action="store_true", help="LoRAAdapter(save_embedding_layers=True)")
+    parser.add_argument("--merged-final", action="store_true", help="LoRAAdapter(merged_final=True)")
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--keep-last", type=int, default=None, help="save_total_limit")
     parser.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of parameters")
@@ -85,7 +86,7 @@ class PolicyWithValue(nn.Module):
         return {"loss": loss, "logits": out.logits}
 
 
-def build(strategy: str, tokenizer, tie: bool, lora_embeddings: bool = False):
+def build(strategy: str, tokenizer, tie: bool, lora_embeddings: bool = False, merged_final: bool = False):
     base = llama_model(tokenizer, tie=tie)
     if strategy == "full":
         return base, FullModel
@@ -95,7 +96,8 @@ def build(strategy: str, tokenizer, tie: bool, lora_embeddings: bool = False):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return get_peft_model(base, config), lambda **kw: LoRAAdapter(save_embedding_layers=lora_embeddings or None)
+    return get_peft_model(base, config), lambda **kw: LoRAAdapter(save_embedding_layers=lora_embeddings or None,
+                                                                  merged_final=merged_final)
 
 
 def deepspeed_config(engine: str, gather_16bit: bool) -> dict:
@@ -247,6 +249,10 @@ class Recording:
     def estimate_bytes(self, model):
         return self.inner.estimate_bytes(model)
 
+    def at_final(self, tokenizer):
+        final = self.inner.at_final(tokenizer) if hasattr(self.inner, "at_final") else self.inner
+        return self if final is self.inner else Recording(final, self.peaks)
+
     def save(self, model, directory, generation_config):
         written = self.inner.save(model, directory, generation_config)
         self.peaks.append(getattr(written, "peak_held_bytes", written))
@@ -305,7 +311,7 @@ def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: 
     from transformers import Trainer
 
     args, tokenizer = training_args(opts), llama_tokenizer()
-    model, strategy_class = build(opts.strategy, tokenizer, opts.tie, opts.lora_embeddings)
+    model, strategy_class = build(opts.strategy, tokenizer, opts.tie, opts.lora_embeddings, opts.merged_final)
     strategy = strategy_class(max_shard_size=opts.max_shard_size)
     callback = CheckpointCallback(Recording(strategy, peaks), trainer_checkpoints=opts.trainer_checkpoints or None)
     spy_on_gathers(model, gathered, gather_bytes, deepspeed=opts.engine in DEEPSPEED)
