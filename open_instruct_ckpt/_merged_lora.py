@@ -8,6 +8,7 @@ into new tensors (fp32, cast back to the base dtype) under the plain model's nam
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,14 @@ class MergedLoRAFinal:
         return self.adapter.saved_module(model)
 
     def estimate_bytes(self, model: nn.Module) -> int:
-        return self.adapter.estimate_bytes(model) + plan_merged(model)[0].total_bytes
+        return self.adapter.estimate_bytes(model) + plan_merged(model)[0].total_bytes + self._small_files_bytes(model)
+
+    def _small_files_bytes(self, model: Any) -> int:
+        """The second tokenizer and config copy `merged/` carries, measured in a temp dir."""
+        with tempfile.TemporaryDirectory(prefix="open_instruct_ckpt-size-", ignore_cleanup_errors=True) as scratch:
+            self.tokenizer.save_pretrained(scratch)
+            model.get_base_model().config.save_pretrained(scratch)
+            return sum(p.stat().st_size for p in Path(scratch).rglob("*") if p.is_file())
 
     def save(self, model: Any, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         """Collective: the adapter save, then the merged model's gather; the writer writes both."""

@@ -171,3 +171,21 @@ def test_a_sharded_merged_model_loads_like_save_pretrained(tmp_path, tokenizer, 
     assert index == reference_index
     served = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert torch.equal(logits(served, tokenizer), logits(reference, tokenizer))
+
+
+def test_a_bf16_base_merges_in_fp32_and_is_saved_in_bf16_like_merge_and_unload(tmp_path, tokenizer):
+    model = get_peft_model(llama_model(tokenizer).to(torch.bfloat16), lora_config())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    assert any(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_A" in n)  # PEFT's fp32 adapter
+    final = LoRAAdapter(merged_final=True).at_final(tokenizer)
+    assert final.estimate_bytes(model) > sum(p.numel() * 2 for n, p in model.named_parameters() if "lora" not in n)
+    (tmp_path / "final").mkdir()
+    final.save(model, tmp_path / "final", None)
+    merged = load_file(tmp_path / "final" / "merged" / "model.safetensors")
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() <= reference.keys() and all(t.dtype == torch.bfloat16 for t in merged.values())
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, reference[name]), name
