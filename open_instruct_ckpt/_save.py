@@ -8,6 +8,7 @@ retention, leftovers of earlier clean-ups) only warns.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import tempfile
@@ -193,13 +194,18 @@ def _manifest(settings: SaveSettings, name: str, step: int) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=None)  # reading package metadata costs ~25 ms a save; it cannot change mid-run
+def _installed_versions(deepspeed_loaded: bool) -> tuple[tuple[str, str], ...]:
     versions = {}
     for package in _VERSIONED:
-        if package == "deepspeed" and "deepspeed" not in sys.modules:
+        if package == "deepspeed" and not deepspeed_loaded:
             continue
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    return versions
+    return tuple(versions.items())
+
+
+def _versions() -> dict[str, str]:
+    return dict(_installed_versions("deepspeed" in sys.modules))
