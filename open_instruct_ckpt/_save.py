@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from . import _generation_config, _io
-from ._dist import raise_on_all_ranks
+from ._dist import any_rank, raise_on_all_ranks
 from ._errors import CheckpointError, explained
 from ._manifest import FINAL_NAME, FORMAT
 from ._readers import read_manifest
@@ -63,8 +63,15 @@ class _Staged:
     generation_config: Any
 
 
-def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writer: bool) -> Path | None:
-    """Collective: save `model` as `<output_dir>/<name>`; returns the path on the writer, None elsewhere."""
+def save(
+    settings: SaveSettings, model: nn.Module, name: str, step: int, is_writer: bool, background: Any = None
+) -> Path | None:
+    """Collective: save `model` as `<output_dir>/<name>`; returns the path on the writer, None elsewhere.
+
+    With `background` (an `_async.BackgroundSaver`, async saves) only the snapshot is collective and
+    blocking: the writer's persist phase then runs in the background, this returns None on every rank,
+    and the verdict comes from `background.take_verdict()` (see `_async`).
+    """
     started = time.perf_counter()
     target = settings.output_dir / name
     staged, error = None, None
@@ -74,20 +81,66 @@ def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writ
         except Exception as exc:
             error = explained(exc, target)
     raise_on_all_ranks(error)
+    if background is not None and _snapshot_to_arena(settings, model, background.arena, is_writer):
+        persist = _snapshot(settings, model, staged, target, background.arena)
+        if is_writer:
+            background.start(lambda: _persist(settings, staged, persist, name, step, started))
+        return None
     published = None
-    try:
+    try:  # sync: the gather writes shards as they fill, then the same persist phase runs inline
         report = settings.strategy.save(model, staged and staged.directory, staged and staged.generation_config)
         if is_writer:
-            settings.tokenizer.save_pretrained(str(staged.directory))
-            manifest = _io.seal(staged.directory, _manifest(settings, name, step), known_sha256=report.sha256)
-            published = _io.publish(staged.directory, settings.output_dir, name)
+            published = _persist(settings, staged, lambda: report, name, step, started)
     except Exception as exc:
         error = explained(exc, target)
+        if staged is not None:
+            _io.discard(staged.directory)  # a failed gather; _persist already discarded after its own failures
+    raise_on_all_ranks(error)
+    return published
+
+
+def _snapshot_to_arena(settings: SaveSettings, model: nn.Module, arena: Any, is_writer: bool) -> bool:
+    """Collective: whether every rank takes the async path; False (sync, warned) when the writer's host memory
+    cannot hold the staging arena."""
+    needed = settings.strategy.estimate_bytes(model) if is_writer else 0
+    short = is_writer and not arena.fits(needed)
+    if any_rank(short):
         if is_writer:
+            logger.warning("Saving synchronously: host memory cannot hold the %d-byte async staging arena "
+                           "(MemAvailable too low); free host memory or pass async_save=False", needed)
+        return False
+    if is_writer:
+        arena.reset(needed)
+    return True
+
+
+def _snapshot(settings: SaveSettings, model: nn.Module, staged: _Staged | None, target: Path, arena: Any) -> Any:
+    """Collective: gather and copy every saved tensor into `arena` on the writer; returns its `persist`."""
+    persist, error = None, None
+    try:
+        persist = settings.strategy.snapshot(model, staged and staged.directory, staged and staged.generation_config,
+                                             arena if staged is not None else None)
+        arena.settle()
+    except Exception as exc:
+        error = explained(exc, target)
+        if staged is not None:
             _io.discard(staged.directory)
     raise_on_all_ranks(error)
-    if not is_writer:
-        return None
+    return persist
+
+
+def _persist(settings: SaveSettings, staged: _Staged, write: Any, name: str, step: int, started: float) -> Path:
+    """Writer, inline (sync) or in the background (async): write what is left, tokenizer, seal, publish (the commit
+    point), then best-effort clean-up. Before the commit point a failure discards the staging directory and
+    raises (explained); the previous checkpoint under `name` is untouched."""
+    try:
+        report = write()
+        settings.tokenizer.save_pretrained(str(staged.directory))
+        manifest = _io.seal(staged.directory, _manifest(settings, name, step), known_sha256=report.sha256)
+        published = _io.publish(staged.directory, settings.output_dir, name)
+    except Exception as exc:
+        _io.discard(staged.directory)
+        raise explained(exc, settings.output_dir / name)
     written = sum(entry["bytes"] for entry in manifest["files"].values())
     logger.info("Saved checkpoint %s: %d bytes in %.2f s (peak %d bytes held)",
                 published.path, written, time.perf_counter() - started, report.peak_held_bytes)

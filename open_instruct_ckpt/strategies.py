@@ -3,6 +3,10 @@
 Rank contract shared by every strategy: `save` is called on every rank (gathering a sharded model is
 collective); `directory` is the writer's staging directory and None on every other rank,
 which then only takes part in the gathers and keeps no state dict.
+
+`snapshot(model, directory, generation_config, arena)` is the same gather for async saves: the
+writer copies every tensor into `arena` (a true copy) and gets back `persist`, which writes the
+files later from those copies; `save` is `snapshot` without an arena, writing while it gathers.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import json
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -20,7 +25,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from transformers import GenerationConfig, PreTrainedModel
 
 from ._gather import for_each_module_state, model_class, own_state, settle, stored_nbytes
-from ._shards import ShardWriter, plan_shards
+from ._shards import ShardWriter, plan_shards, saved_bytes
 
 
 @dataclass
@@ -29,6 +34,9 @@ class WriteReport:
 
     peak_held_bytes: int = 0
     sha256: dict[str, str] = field(default_factory=dict)
+
+
+Persist = Callable[[], WriteReport]  # writer: write the files a snapshot left to write
 
 
 @runtime_checkable
@@ -93,12 +101,15 @@ class FullModel:
         return model
 
     def estimate_bytes(self, model: nn.Module) -> int:
-        return plan_shards(model, self.max_shard_size).total_bytes
+        return saved_bytes(model)
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        return self.snapshot(model, directory, generation_config)()
+
+    def snapshot(self, model: nn.Module, directory: Path | None, generation_config: Any, arena: Any = None) -> Persist:
         self.check(model)
         settle(model)
-        return write_module(model, directory, generation_config, self.max_shard_size)
+        return write_module(model, directory, generation_config, self.max_shard_size, arena)
 
 
 @dataclass(frozen=True)
@@ -139,36 +150,60 @@ class ModelAttribute:
         return module
 
     def estimate_bytes(self, model: nn.Module) -> int:
-        return plan_shards(self.saved_module(model), self.max_shard_size).total_bytes
+        return saved_bytes(self.saved_module(model))
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        return self.snapshot(model, directory, generation_config)()
+
+    def snapshot(self, model: nn.Module, directory: Path | None, generation_config: Any, arena: Any = None) -> Persist:
         settle(model)
-        return write_module(self.saved_module(model), directory, generation_config, self.max_shard_size)
+        return write_module(self.saved_module(model), directory, generation_config, self.max_shard_size, arena)
+
+
+def _nothing_to_write() -> WriteReport:
+    return WriteReport()
+
+
+def _copier(arena: Any) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    if arena is None:
+        return lambda state: state  # sync: written before training resumes, read in place
+    return lambda state: {name: arena.copy(t) for name, t in state.items()}
 
 
 def write_module(
-    module: nn.Module, directory: Path | None, generation_config: GenerationConfig | None, max_shard_size
-) -> WriteReport:
-    """Collective: stream `module`'s weights into shards (as `save_pretrained` lays them out), plus its configs."""
+    module: nn.Module, directory: Path | None, generation_config: GenerationConfig | None, max_shard_size,
+    arena: Any = None,
+) -> Persist:
+    """Collective: gather `module`'s weights into shards (as `save_pretrained` lays them out); returns `persist`,
+    which writes what is left and the configs. Without an arena, shards are written as they fill (during the
+    gather); with one, every tensor is copied into it and `persist` writes every file."""
     plan = plan_shards(module, max_shard_size)
-    writer = ShardWriter(directory, plan) if directory is not None else None
-    consume = (lambda state: writer.add(plan.revert_names(state))) if writer else None
+    writer = ShardWriter(directory, plan, defer=arena is not None) if directory is not None else None
+    copied = _copier(arena)
+    consume = (lambda state: writer.add(copied(plan.revert_names(state)))) if writer else None
     for_each_module_state(plan.groups, consume)
     if writer is None:
-        return WriteReport()
-    writer.finish()
-    if isinstance(module, PreTrainedModel):
-        _write_model_configs(module, directory, generation_config)
-    return WriteReport(writer.peak_held_bytes, dict(writer.sha256))
+        return _nothing_to_write
+    config = _model_config(module) if isinstance(module, PreTrainedModel) else None
+    generation_config = generation_config if config is not None and module.can_generate() else None
+
+    def persist() -> WriteReport:
+        writer.finish()
+        if config is not None:
+            config.save_pretrained(directory)
+        if generation_config is not None:
+            generation_config.save_pretrained(directory)
+        return WriteReport(writer.peak_held_bytes, dict(writer.sha256))
+
+    return persist
 
 
-def _write_model_configs(model: PreTrainedModel, directory: Path, generation_config: GenerationConfig | None) -> None:
+def _model_config(model: PreTrainedModel) -> Any:
+    """The config to save, copied at snapshot time (the persist phase may run while training goes on)."""
     config = copy.deepcopy(model.config)
     config.dtype = str(model.dtype).split(".")[1]
     config.architectures = [model_class(model).__name__]
-    config.save_pretrained(directory)
-    if generation_config is not None and model.can_generate():
-        generation_config.save_pretrained(directory)
+    return config
 
 
 @dataclass(frozen=True)
@@ -200,19 +235,25 @@ class LoRAAdapter:
         return sum(stored_nbytes(t) for _, own in self._groups(model) for t in own.values())
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        return self.snapshot(model, directory, generation_config)()
+
+    def snapshot(self, model: nn.Module, directory: Path | None, generation_config: Any, arena: Any = None) -> Persist:
         self.check(model)
         settle(model)
         state: dict[str, torch.Tensor] = {}
-        for_each_module_state(self._groups(model), state.update if directory is not None else None)
+        copied = _copier(arena)
+        for_each_module_state(self._groups(model), (lambda s: state.update(copied(s))) if directory is not None else None)
         if directory is None:
-            return WriteReport()
-        held = sum(t.numel() * t.element_size() for t in state.values())
-        model.save_pretrained(
-            str(directory), state_dict=state, save_embedding_layers=self._embeddings_saved(model), is_main_process=True
-        )
-        if generation_config is not None:
-            generation_config.save_pretrained(directory)
-        return WriteReport(peak_held_bytes=held)
+            return _nothing_to_write
+        embeddings = self._embeddings_saved(model)
+
+        def persist() -> WriteReport:
+            model.save_pretrained(str(directory), state_dict=state, save_embedding_layers=embeddings, is_main_process=True)
+            if generation_config is not None:
+                generation_config.save_pretrained(directory)
+            return WriteReport(peak_held_bytes=sum(t.numel() * t.element_size() for t in state.values()))
+
+        return persist
 
     def _groups(self, model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
         wanted = {id(p) for p in model.parameters() if p.requires_grad}
