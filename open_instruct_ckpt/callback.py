@@ -12,8 +12,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
-from . import _gather, _generation_config, _logging, _run, _save, _upload
-from ._dist import raise_on_all_ranks
+from . import _async, _gather, _generation_config, _logging, _run, _save, _upload
+from ._dist import any_rank, raise_on_all_ranks
 from ._lock import RunLock
 from ._manifest import FINAL_NAME, step_name
 from ._preemption import DEFAULT_SIGNALS, PreemptionWatch
@@ -31,12 +31,16 @@ class _Held:
     the next run starts, when the callback is garbage-collected, and by `CheckpointCallback.close()`.
     """
 
-    def __init__(self, watch: PreemptionWatch, uploader: _upload.Uploader | None) -> None:
+    def __init__(self, watch: PreemptionWatch, uploader: _upload.Uploader | None,
+                 background: _async.BackgroundSaver | None) -> None:
         self.watch = watch
         self.lock: RunLock | None = None
         self.uploader = uploader
+        self.background = background
 
     def release(self) -> None:
+        if self.background is not None:
+            self.background.wait()  # a background save publishes under the run lock, never after its release
         self.watch.uninstall()
         if self.uploader is not None:
             self.uploader.stop()
@@ -63,6 +67,9 @@ class CheckpointCallback(TrainerCallback):
             checkpoint there in the background, manifest last (needs `pip install "open_instruct_ckpt[s3]"`).
         upload_storage_options: fsspec options for `upload_to` (for S3: `key`, `secret`, `client_kwargs`).
         upload_wait_s: how long train end waits for the last uploads; None waits as long as they take.
+        async_save: training waits only for the gather and a copy into a host staging arena (the
+            checkpoint's bytes, on the writer); writing, fsync and publishing run in the background.
+            At most one save is in flight; its failure is raised on every rank at the next step end.
     """
 
     def __init__(
@@ -79,7 +86,10 @@ class CheckpointCallback(TrainerCallback):
         upload_to: str | Path | None = None,
         upload_storage_options: dict[str, Any] | None = None,
         upload_wait_s: float | None = 3600.0,
+        async_save: bool = False,
     ) -> None:
+        if not isinstance(async_save, bool):
+            raise TypeError(f"async_save={async_save!r} must be True or False")
         _check_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints)
         _generation_config.check_spec(generation_config)
         self.strategy = strategy
@@ -90,7 +100,9 @@ class CheckpointCallback(TrainerCallback):
         self._keep_last = keep_last
         self._existing = existing_checkpoints
         uploader = _upload.Uploader(upload_to, upload_storage_options, upload_wait_s) if upload_to is not None else None
-        self._held = _Held(PreemptionWatch(preemption_signals), uploader)
+        background = _async.BackgroundSaver() if async_save else None
+        self._held = _Held(PreemptionWatch(preemption_signals), uploader, background)
+        self._save_in_flight = False  # every rank: an async save was started and its verdict not yet taken
         weakref.finalize(self, self._held.release)
         self._settings: _save.SaveSettings | None = None
         self._last_saved: tuple[int, Path | None] | None = None
@@ -112,7 +124,7 @@ class CheckpointCallback(TrainerCallback):
         self.close()
         model = kwargs.get("model")
         self._set_up(args, model, kwargs.get("processing_class"))  # every check before the lock is taken
-        self._last_saved, self.preempted = None, False
+        self._last_saved, self.preempted, self._save_in_flight = None, False, False
         error = None
         if args.should_save:
             try:
@@ -147,6 +159,8 @@ class CheckpointCallback(TrainerCallback):
     # -- when to save -------------------------------------------------------------------------
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._save_in_flight:  # the only collective on a step without a save, and only while one runs
+            self._take_verdict(wait=False)
         if self._held.watch.agreed():
             return self._save_for_preemption(args, state, control, kwargs["model"])
         if control.should_save:
@@ -160,6 +174,7 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         try:
+            self._take_verdict(wait=True)
             if not self.preempted and state.global_step >= state.max_steps:
                 self._upload(self._save_final(args, state, kwargs["model"]))
             if self._held.uploader is not None:
@@ -170,11 +185,14 @@ class CheckpointCallback(TrainerCallback):
 
     def _save_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module):
         try:
-            path = _save.save(self._settings, model, step_name(state.global_step), state.global_step, args.should_save)
+            self._take_verdict(wait=True)  # at most one save in flight
+            path = _save.save(self._settings, model, step_name(state.global_step), state.global_step, args.should_save,
+                              background=self._held.background)
         except BaseException:
             self.close()  # train() ends with this error: no on_train_end will run
             raise
         self._last_saved = (state.global_step, path)
+        self._save_in_flight = self._held.background is not None and any_rank(self._held.background.pending)
         self._upload(path)
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False
@@ -184,6 +202,7 @@ class CheckpointCallback(TrainerCallback):
     ) -> TrainerControl:
         if not self._saved_at(state.global_step):
             self._save_step(args, state, control, model)
+        self._take_verdict(wait=True)  # stopping: the save of this step must be published first
         self.preempted = True
         control.should_training_stop = True
         control.should_save = self.keeps_trainer_checkpoints(args)
@@ -194,6 +213,25 @@ class CheckpointCallback(TrainerCallback):
         if self._saved_at(state.global_step):
             return _save.link_final(self._settings, self._last_saved[1], args.should_save)
         return _save.save(self._settings, model, FINAL_NAME, state.global_step, args.should_save)
+
+    def _take_verdict(self, wait: bool) -> None:
+        """Collective while an async save is in flight (a no-op otherwise): once it is done on the writer, or when
+        `wait`, every rank learns its verdict; a failure is raised on every rank, the previous checkpoint stays."""
+        if not self._save_in_flight:
+            return
+        background = self._held.background
+        if not wait and any_rank(background.in_flight):
+            return
+        path, error = background.take_verdict()
+        self._save_in_flight = False
+        try:
+            raise_on_all_ranks(error)
+        except BaseException:
+            self.close()  # train() ends with this error
+            raise
+        if path is not None and self._last_saved is not None:
+            self._last_saved = (self._last_saved[0], path)
+        self._upload(path)
 
     def _upload(self, published: Path | None) -> None:
         """Queue a checkpoint just published on this rank, when this rank uploads (rank 0 with upload_to)."""
