@@ -22,11 +22,11 @@ from typing import Any
 from torch import nn
 
 from . import _generation_config, _io
-from ._dist import any_rank, raise_on_all_ranks
+from ._dist import any_rank, broadcast_from_main, gather_to_all, is_distributed, raise_on_all_ranks
 from ._errors import CheckpointError, explained
 from ._manifest import FINAL_NAME, FORMAT
 from ._readers import read_manifest
-from .strategies import CheckpointStrategy
+from .strategies import CheckpointStrategy, WriteReport
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def save(
     and the verdict comes from `background.take_verdict()` (see `_async`).
     """
     started = time.perf_counter()
+    if getattr(settings.strategy, "writers", "main") == "all" and is_distributed():
+        return _save_all_writers(settings, model, name, step, is_writer, started)
     target = settings.output_dir / name
     staged, error = None, None
     if is_writer:
@@ -97,6 +99,66 @@ def save(
             _io.discard(staged.directory)  # a failed gather; _persist already discarded after its own failures
     raise_on_all_ranks(error)
     return published
+
+
+def _save_all_writers(
+    settings: SaveSettings, model: nn.Module, name: str, step: int, is_writer: bool, started: float
+) -> Path | None:
+    """Collective, FullModel(writers="all"): the publisher (rank 0) stages; every rank proves it can write in that
+    staging directory (a shared filesystem) before the first gather, with a shared verdict; every rank writes its
+    shard files; the publisher collects every rank's sha256 and seals and publishes only after all succeeded."""
+    import torch.distributed as dist
+
+    target = settings.output_dir / name
+    staged, error = None, None
+    if is_writer:
+        try:
+            staged = _prepare(settings, model, name)
+        except Exception as exc:
+            error = explained(exc, target)
+    raise_on_all_ranks(error)
+    directory = Path(broadcast_from_main(str(staged.directory) if staged else None))
+    try:
+        _probe_writable(directory)
+    except Exception as exc:
+        error = explained(exc, target)
+    _shared_verdict(error, staged)  # every rank can write there: only now the gathers start
+    report, share = WriteReport(), (dist.get_rank(), dist.get_world_size(), is_writer)
+    try:
+        report = settings.strategy.snapshot(model, directory, staged and staged.generation_config, None, share)()
+    except Exception as exc:
+        error = explained(exc, target)
+    _shared_verdict(error, staged)
+    sha256 = {file: digest for rank_sha256 in gather_to_all(report.sha256) for file, digest in rank_sha256.items()}
+    published = None
+    if is_writer:
+        try:
+            published = _persist(settings, staged, lambda: WriteReport(report.peak_held_bytes, sha256), name, step, started)
+        except Exception as exc:
+            error = explained(exc, target)
+    raise_on_all_ranks(error)
+    return published
+
+
+def _probe_writable(directory: Path) -> None:
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"FullModel(writers='all'): staging directory {directory} (created by rank 0) is not visible on this rank; "
+            "writers='all' needs output_dir on a filesystem shared by every rank, or use writers='main'"
+        )
+    probe = directory / f".probe-{uuid.uuid4().hex[:12]}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def _shared_verdict(error: BaseException | None, staged: _Staged | None) -> None:
+    """Collective: raise on every rank if any failed; the publisher then discards the staging directory."""
+    try:
+        raise_on_all_ranks(error)
+    except BaseException:
+        if staged is not None:
+            _io.discard(staged.directory)
+        raise
 
 
 def _snapshot_to_arena(settings: SaveSettings, model: nn.Module, arena: Any, is_writer: bool) -> bool:

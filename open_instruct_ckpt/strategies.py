@@ -25,7 +25,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from transformers import GenerationConfig, PreTrainedModel
 
 from ._gather import for_each_module_state, model_class, own_state, settle, stored_nbytes
-from ._shards import ShardWriter, plan_shards, saved_bytes
+from ._shards import ShardWriter, files_of_rank, plan_shards, saved_bytes
 
 
 @dataclass
@@ -76,14 +76,26 @@ def _check_shard_size(owner: str, value: object) -> None:
         raise ValueError(f"{owner}(max_shard_size={value!r}): must be positive, e.g. '5GB'")
 
 
+WRITERS = ("main", "all")
+
+
 @dataclass(frozen=True)
 class FullModel:
-    """The whole model in safetensors, loadable with `from_pretrained` of its class."""
+    """The whole model in safetensors, loadable with `from_pretrained` of its class.
+
+    `writers="all"` (distributed runs): every rank writes distinct shard files of the same plan (file
+    i by rank i mod world_size) into one staging directory, which must be on a filesystem shared by
+    all ranks; rank 0 writes the index, configs, tokenizer and the manifest last. `"main"`: rank 0 only.
+    """
 
     max_shard_size: int | str | None = None
+    writers: str = field(default="main", repr=False)  # how it is written, not what: not in the manifest
 
     def __post_init__(self) -> None:
         _check_shard_size("FullModel", self.max_shard_size)
+        if self.writers not in WRITERS:
+            raise ValueError(f"FullModel(writers={self.writers!r}): use 'main' (rank 0 writes) or 'all' (every rank "
+                             "writes its share of the shard files; needs an output_dir shared by all ranks)")
 
     def check(self, model: nn.Module) -> None:
         if _is_peft(model):
@@ -106,10 +118,11 @@ class FullModel:
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         return self.snapshot(model, directory, generation_config)()
 
-    def snapshot(self, model: nn.Module, directory: Path | None, generation_config: Any, arena: Any = None) -> Persist:
+    def snapshot(self, model: nn.Module, directory: Path | None, generation_config: Any, arena: Any = None,
+                 share: tuple[int, int, bool] | None = None) -> Persist:
         self.check(model)
         settle(model)
-        return write_module(model, directory, generation_config, self.max_shard_size, arena)
+        return write_module(model, directory, generation_config, self.max_shard_size, arena, share)
 
 
 @dataclass(frozen=True)
@@ -172,19 +185,23 @@ def _copier(arena: Any) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.T
 
 def write_module(
     module: nn.Module, directory: Path | None, generation_config: GenerationConfig | None, max_shard_size,
-    arena: Any = None,
+    arena: Any = None, share: tuple[int, int, bool] | None = None,
 ) -> Persist:
     """Collective: gather `module`'s weights into shards (as `save_pretrained` lays them out); returns `persist`,
     which writes what is left and the configs. Without an arena, shards are written as they fill (during the
-    gather); with one, every tensor is copied into it and `persist` writes every file."""
+    gather); with one, every tensor is copied into it and `persist` writes every file. `share` is (rank,
+    world_size, publisher) for writers="all": this rank writes its own files, the publisher also index and configs."""
     plan = plan_shards(module, max_shard_size)
     writer = ShardWriter(directory, plan, defer=arena is not None) if directory is not None else None
+    if writer is not None and share is not None:
+        writer.owned, writer.write_index = files_of_rank(plan, share[0], share[1]), share[2]
     copied = _copier(arena)
     consume = (lambda state: writer.add(copied(plan.revert_names(state)))) if writer else None
     for_each_module_state(plan.groups, consume)
     if writer is None:
         return _nothing_to_write
-    config = _model_config(module) if isinstance(module, PreTrainedModel) else None
+    publisher = share is None or share[2]
+    config = _model_config(module) if publisher and isinstance(module, PreTrainedModel) else None
     generation_config = generation_config if config is not None and module.can_generate() else None
 
     def persist() -> WriteReport:
