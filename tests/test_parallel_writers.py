@@ -1,5 +1,5 @@
 """FullModel(writers=...): validated at construction; file i of the plan goes to rank i mod world_size.
-The 2-process byte parity is tests/distributed/test_parallel_writers.py."""
+The 2-process byte parity is tests/distributed/test_parallel_writers_parity.py."""
 
 import pytest
 
