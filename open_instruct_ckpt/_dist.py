@@ -65,3 +65,21 @@ def _first_failure(messages: list[str | None]) -> str:
         if message is not None:
             return f"checkpoint save failed on rank {source_rank}: {message}"
     return "checkpoint save failed on another rank"
+
+
+def broadcast_from_main(value: object) -> object:
+    """Collective: rank 0's `value` on every rank (picklable objects)."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_to_all(value: object) -> list:
+    """Collective: every rank's `value`, in rank order, on every rank (picklable objects)."""
+    if not is_distributed():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

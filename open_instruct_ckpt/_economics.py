@@ -49,7 +49,6 @@ class RunEconomics:
     def saved(self, stats: SaveStats, total_steps: int, interval: int) -> _advisor.Advice | None:
         """Writer, after a step save: keep its statistics, advise, log once stable, record; returns the advice."""
         self.saves.append(stats)
-        self.clock.exclude(stats.blocking_seconds)
         advice = self._update(total_steps, interval)
         self._log_if_stable(advice)
         return advice

@@ -30,7 +30,7 @@ from ._shards import (
     _name_reverter,
     _untied_names,
 )
-from .strategies import LoRAAdapter, WriteReport, _write_model_configs
+from .strategies import LoRAAdapter, Persist, WriteReport, _configs_to_write, _write_configs
 
 MERGED_DIR = "merged"
 _FIX = "set merged_final=False and, after training, save model.merge_and_unload() yourself"
@@ -62,6 +62,11 @@ class MergedLoRAFinal:
             model.get_base_model().config.save_pretrained(scratch)
             return sum(p.stat().st_size for p in Path(scratch).rglob("*") if p.is_file())
 
+    def snapshot(self, model: Any, directory: Path | None, generation_config: Any, arena: Any = None) -> Persist:
+        """Collective; the final save is never async, so everything is written during the gather."""
+        report = self.save(model, directory, generation_config)
+        return lambda: report
+
     def save(self, model: Any, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         """Collective: the adapter save, then the merged model's gather; the writer writes both."""
         adapter_report = self.adapter.save(model, directory, generation_config)
@@ -86,7 +91,7 @@ def write_merged(model: Any, directory: Path | None, generation_config: Generati
     if writer is None:
         return WriteReport()
     writer.finish()
-    _write_model_configs(model.get_base_model(), writer.directory, generation_config)
+    _write_configs(_configs_to_write(model.get_base_model(), generation_config), writer.directory)
     return WriteReport(writer.peak_held_bytes, dict(writer.sha256))
 
 

@@ -8,6 +8,7 @@ retention, leftovers of earlier clean-ups) only warns.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from . import _generation_config, _io, _progress
-from ._dist import raise_on_all_ranks
+from ._dist import any_rank, broadcast_from_main, gather_to_all, is_distributed, raise_on_all_ranks
 from ._errors import CheckpointError, explained
 from ._manifest import FINAL_NAME, FORMAT, describe_files
 from ._readers import read_manifest
@@ -66,12 +67,19 @@ class _Staged:
     expected_bytes: int
 
 
-def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writer: bool) -> Path | None:
+def save(
+    settings: SaveSettings, model: nn.Module, name: str, step: int, is_writer: bool, background: Any = None
+) -> Path | None:
     """Collective: save `model` as `<output_dir>/<name>`; returns the path on the writer, None elsewhere.
 
-    On the writer the save's statistics are left in `settings.last_stats` (and its manifest).
+    On the writer the save's statistics are left in `settings.last_stats` (and its manifest). With
+    `background` (an `_async.BackgroundSaver`, async saves) only the snapshot is collective and blocking:
+    the writer's persist phase then runs in the background, this returns None on every rank, and the
+    verdict comes from `background.take_verdict()` (see `_async`).
     """
     timer = PhaseTimer()
+    if getattr(settings.strategy, "writers", "main") == "all" and is_distributed():
+        return _save_all_writers(settings, model, name, step, is_writer, timer)
     target = settings.output_dir / name
     staged, error = None, None
     if is_writer:
@@ -81,38 +89,152 @@ def save(settings: SaveSettings, model: nn.Module, name: str, step: int, is_writ
             error = explained(exc, target)
     raise_on_all_ranks(error)
     timer.lap("prepare")
-    done: tuple[_io.Published, SaveStats] | None = None
-    try:
+    if background is not None and _snapshot_to_arena(settings, model, background.arena, is_writer):
+        persist = _snapshot(settings, model, staged, target, background.arena)
+        if staged is not None:
+            blocking = sum(timer.seconds.values()) + timer.since_lap()
+            background.start(lambda: _persist(settings, staged, persist, name, step, timer, blocking))
+        return None
+    published = None
+    try:  # sync: the gather writes shards as they fill, then the same persist phase runs inline
         report = _write(settings, model, staged, name)
         if staged is not None:
-            done = _seal_and_publish(settings, staged, report, name, step, timer)
+            published = _persist(settings, staged, lambda: report, name, step, timer)
+    except Exception as exc:
+        error = explained(exc, target)
+        if staged is not None:
+            _io.discard(staged.directory)  # a failed gather; _persist already discarded after its own failures
+    raise_on_all_ranks(error)
+    return published
+
+
+def _write(settings: SaveSettings, model: nn.Module, staged: _Staged | None, name: str) -> WriteReport:
+    """Collective: every rank gathers; the writer (holding `staged`) writes weights and configs."""
+    if staged is None:
+        return settings.strategy.save(model, None, None)
+    with _progress.bar(settings.show_progress, staged.expected_bytes, f"saving {name}"):
+        return settings.strategy.save(model, staged.directory, staged.generation_config)
+
+
+def _save_all_writers(
+    settings: SaveSettings, model: nn.Module, name: str, step: int, is_writer: bool, timer: PhaseTimer
+) -> Path | None:
+    """Collective, FullModel(writers="all"): the publisher (rank 0) stages; every rank proves it can write in that
+    staging directory (a shared filesystem) before the first gather, with a shared verdict; every rank writes its
+    shard files; the publisher collects every rank's sha256 and seals and publishes only after all succeeded."""
+    import torch.distributed as dist
+
+    target = settings.output_dir / name
+    staged, error = None, None
+    if is_writer:
+        try:
+            staged = _prepare(settings, model, name)
+        except Exception as exc:
+            error = explained(exc, target)
+    raise_on_all_ranks(error)
+    timer.lap("prepare")
+    directory = Path(str(broadcast_from_main(str(staged.directory) if staged else None)))
+    try:
+        _probe_writable(directory)
+    except Exception as exc:
+        error = explained(exc, target)
+    _shared_verdict(error, staged)  # every rank can write there: only now the gathers start
+    report, share = WriteReport(), (dist.get_rank(), dist.get_world_size(), is_writer)
+    try:
+        full_model: Any = settings.strategy  # FullModel, the only strategy with writers='all'
+        report = full_model.snapshot(model, directory, staged and staged.generation_config, None, share)()
+    except Exception as exc:
+        error = explained(exc, target)
+    _shared_verdict(error, staged)
+    sha256 = {file: digest for rank_sha256 in gather_to_all(report.sha256) for file, digest in rank_sha256.items()}
+    published = None
+    if staged is not None:
+        try:
+            published = _persist(settings, staged, lambda: WriteReport(report.peak_held_bytes, sha256), name, step,
+                                 timer)
+        except Exception as exc:
+            error = explained(exc, target)
+    raise_on_all_ranks(error)
+    return published
+
+
+def _probe_writable(directory: Path) -> None:
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"FullModel(writers='all'): staging directory {directory} (created by rank 0) is not visible on this rank; "
+            "writers='all' needs output_dir on a filesystem shared by every rank, or use writers='main'"
+        )
+    probe = directory / f".probe-{uuid.uuid4().hex[:12]}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def _shared_verdict(error: BaseException | None, staged: _Staged | None) -> None:
+    """Collective: raise on every rank if any failed; the publisher then discards the staging directory."""
+    try:
+        raise_on_all_ranks(error)
+    except BaseException:
+        if staged is not None:
+            _io.discard(staged.directory)
+        raise
+
+
+def _snapshot_to_arena(settings: SaveSettings, model: nn.Module, arena: Any, is_writer: bool) -> bool:
+    """Collective: whether every rank takes the async path; False (sync, warned) when the writer's host memory
+    cannot hold the staging arena."""
+    needed = settings.strategy.estimate_bytes(model) if is_writer else 0
+    short = is_writer and not arena.fits(needed)
+    if any_rank(short):
+        if is_writer:
+            logger.warning("Saving synchronously: host memory cannot hold the %d-byte async staging arena "
+                           "(MemAvailable too low); free host memory or pass async_save=False", needed)
+        return False
+    if is_writer:
+        arena.reset(needed)
+    return True
+
+
+def _snapshot(settings: SaveSettings, model: nn.Module, staged: _Staged | None, target: Path, arena: Any) -> Any:
+    """Collective: gather and copy every saved tensor into `arena` on the writer; returns its `persist`."""
+    persist, error = None, None
+    try:
+        if staged is None:
+            persist = settings.strategy.snapshot(model, None, None)
+        else:
+            persist = settings.strategy.snapshot(model, staged.directory, staged.generation_config, arena)
+        arena.settle()
     except Exception as exc:
         error = explained(exc, target)
         if staged is not None:
             _io.discard(staged.directory)
     raise_on_all_ranks(error)
-    if done is None:
-        return None
-    published, stats = done
+    return persist
+
+
+def _persist(
+    settings: SaveSettings, staged: _Staged, write: Any, name: str, step: int, timer: PhaseTimer,
+    blocking_seconds: float | None = None,
+) -> Path:
+    """Writer, inline (sync) or in the background (async): write what is left, tokenizer, seal, publish (the commit
+    point), then best-effort clean-up. Before the commit point a failure discards the staging directory and
+    raises (explained); the previous checkpoint under `name` is untouched. `blocking_seconds` is what training
+    waited for, when that was less than the whole save."""
+    try:
+        report = write()
+        settings.tokenizer.save_pretrained(str(staged.directory))
+        published, stats = _seal_and_publish(settings, staged, report, name, step, timer)
+    except Exception as exc:
+        _io.discard(staged.directory)
+        raise explained(exc, settings.output_dir / name)
     timer.lap("publish")
     _clean_up(settings, published)
     timer.lap("cleanup")
     stats.seconds = dict(timer.seconds)
-    stats.blocking_seconds = stats.total_seconds  # inline save; an async one would block for its snapshot only
+    stats.blocking_seconds = stats.total_seconds if blocking_seconds is None else blocking_seconds
     settings.last_stats = stats
     logger.info("Saved checkpoint %s: %d bytes in %.2f s (peak %d bytes held)",
                 published.path, stats.bytes, stats.total_seconds, stats.peak_held_bytes)
     return published.path
-
-
-def _write(settings: SaveSettings, model: nn.Module, staged: _Staged | None, name: str) -> WriteReport:
-    """Collective: every rank gathers; the writer (holding `staged`) writes weights, configs and tokenizer."""
-    if staged is None:
-        return settings.strategy.save(model, None, None)
-    with _progress.bar(settings.show_progress, staged.expected_bytes, f"saving {name}"):
-        report = settings.strategy.save(model, staged.directory, staged.generation_config)
-    settings.tokenizer.save_pretrained(str(staged.directory))
-    return report
 
 
 def _seal_and_publish(
@@ -226,13 +348,18 @@ def _manifest(settings: SaveSettings, name: str, step: int) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=None)  # reading package metadata costs ~25 ms a save; it cannot change mid-run
+def _installed_versions(deepspeed_loaded: bool) -> tuple[tuple[str, str], ...]:
     versions = {}
     for package in _VERSIONED:
-        if package == "deepspeed" and "deepspeed" not in sys.modules:
+        if package == "deepspeed" and not deepspeed_loaded:
             continue
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    return versions
+    return tuple(versions.items())
+
+
+def _versions() -> dict[str, str]:
+    return dict(_installed_versions("deepspeed" in sys.modules))

@@ -61,6 +61,17 @@ def plan_shards(model: nn.Module, max_shard_size: int | str | None) -> ShardPlan
     )
 
 
+def files_of_rank(plan: ShardPlan, rank: int, world_size: int) -> set[str]:
+    """writers="all": file i of the plan (in plan order) is written by rank i mod world_size."""
+    return {f for i, f in enumerate(plan.filename_to_names) if i % world_size == rank}
+
+
+def saved_bytes(model: nn.Module) -> int:
+    """Collective-free: the weight bytes a plan of `model` would hold, without planning (no shard split,
+    no name reverting, no module walk); the disk-space check needs only this, the write plans once."""
+    return sum(stored_numel(t) * t.element_size() for t in _saved_tensors(model).values())
+
+
 def _name_reverter(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """Undo transformers' load-time weight conversions, as `save_pretrained` does; identity when there are none.
 
@@ -136,11 +147,15 @@ def _unique_groups(groups: list) -> list:
 class ShardWriter:
     """Writer-only: receives gathered tensors and writes each shard file once it is complete.
 
-    `held_bytes` counts the CPU bytes waiting to be written; `peak_held_bytes` its maximum.
+    With `defer` (async saves: the tensors already sit in the staging arena) nothing is written
+    until `finish`, which then writes every file. `held_bytes` counts the CPU bytes waiting to be written; `peak_held_bytes` its maximum.
     """
 
     directory: Path
     plan: ShardPlan
+    defer: bool = False
+    owned: set[str] | None = None  # writers="all": the files this rank writes (None: every file)
+    write_index: bool = True
     held_bytes: int = 0
     peak_held_bytes: int = 0
     _file_of: dict[str, str] = field(default_factory=dict)
@@ -156,19 +171,27 @@ class ShardWriter:
         for name, tensor in tensors.items():
             if name not in self._file_of:
                 raise RuntimeError(f"tensor {name!r} is not in the shard plan; the model changed during the save")
+            if self.owned is not None and self._file_of[name] not in self.owned:
+                continue  # another rank writes that file
             self._pending[self._file_of[name]][name] = tensor
             self.held_bytes += tensor.numel() * tensor.element_size()
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+        if not self.defer:
+            self._write_complete()
+
+    def _write_complete(self) -> None:
         for filename, names in self.plan.filename_to_names.items():
-            if filename not in self._written and len(self._pending[filename]) == len(names):
+            mine = self.owned is None or filename in self.owned
+            if mine and filename not in self._written and len(self._pending[filename]) == len(names):
                 self._write(filename)
 
     def finish(self) -> list[str]:
-        """Write the index (when sharded); return the weight file names written."""
-        missing = set(self.plan.filename_to_names) - self._written
+        """Write what is still pending, then the index (when sharded); return the weight file names written."""
+        self._write_complete()
+        missing = (self.owned if self.owned is not None else set(self.plan.filename_to_names)) - self._written
         if missing:
             raise RuntimeError(f"shards never completed: {sorted(missing)}")
-        if self.plan.is_sharded:
+        if self.plan.is_sharded and self.write_index:
             index = {"metadata": self.plan.index_metadata, "weight_map": dict(sorted(self._file_of.items()))}
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return sorted(self._written)

@@ -18,8 +18,8 @@ PHASES = ("prepare", "write", "seal", "publish", "cleanup")
 class SaveStats:
     """Seconds per phase, bytes written and peak CPU bytes held by one save on the writer.
 
-    `blocking_seconds` is what training waited for. A save runs inline today, so it equals
-    `total_seconds`; an asynchronous save would block only for its snapshot.
+    `blocking_seconds` is what training waited for: `total_seconds` for an inline save, the
+    prepare and snapshot phases for an async one (its other phases ran in the background).
     """
 
     name: str
@@ -72,6 +72,9 @@ class PhaseTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self._last = time.perf_counter()
+
+    def since_lap(self) -> float:
+        return time.perf_counter() - self._last
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,8 +14,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
-from . import _gather, _generation_config, _logging, _metrics, _policy, _run, _save, _upload
-from ._dist import raise_on_all_ranks
+from . import _async, _gather, _generation_config, _logging, _metrics, _policy, _run, _save, _upload
+from ._dist import any_rank, raise_on_all_ranks
 from ._economics import RunEconomics
 from ._lock import RunLock
 from ._manifest import FINAL_NAME, step_name
@@ -33,12 +34,16 @@ class _Held:
     the next run starts, when the callback is garbage-collected, and by `CheckpointCallback.close()`.
     """
 
-    def __init__(self, watch: PreemptionWatch, uploader: _upload.Uploader | None) -> None:
+    def __init__(self, watch: PreemptionWatch, uploader: _upload.Uploader | None,
+                 background: _async.BackgroundSaver | None) -> None:
         self.watch = watch
         self.lock: RunLock | None = None
         self.uploader = uploader
+        self.background = background
 
     def release(self) -> None:
+        if self.background is not None:
+            self.background.wait()  # a background save publishes under the run lock, never after its release
         self.watch.uninstall()
         if self.uploader is not None:
             self.uploader.stop()
@@ -70,6 +75,9 @@ class CheckpointCallback(TrainerCallback):
         save_interval: "trainer" (the Trainer's `save_steps`) or "auto" (re-chosen from measured save
             and step times after every save, never above `max_save_interval`).
         max_save_interval: the longest interval "auto" may choose; None means `args.save_steps`.
+        async_save: training waits only for the gather and a copy into a host staging arena (the
+            checkpoint's bytes, on the writer); writing, fsync and publishing run in the background.
+            At most one save is in flight; its failure is raised on every rank at the next step end.
     """
 
     def __init__(
@@ -90,7 +98,10 @@ class CheckpointCallback(TrainerCallback):
         failure_probability: float | None = None,
         save_interval: str = "trainer",
         max_save_interval: int | None = None,
+        async_save: bool = False,
     ) -> None:
+        if not isinstance(async_save, bool):
+            raise TypeError(f"async_save={async_save!r} must be True or False")
         _check_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints)
         _policy.check_arguments(save_interval, max_save_interval, mtbf_hours, failure_probability)
         _generation_config.check_spec(generation_config)
@@ -102,7 +113,9 @@ class CheckpointCallback(TrainerCallback):
         self._keep_last = keep_last
         self._existing = existing_checkpoints
         uploader = _upload.Uploader(upload_to, upload_storage_options, upload_wait_s) if upload_to is not None else None
-        self._held = _Held(PreemptionWatch(preemption_signals), uploader)
+        background = _async.BackgroundSaver() if async_save else None
+        self._held = _Held(PreemptionWatch(preemption_signals), uploader, background)
+        self._save_in_flight = False  # every rank: an async save was started and its verdict not yet taken
         weakref.finalize(self, self._held.release)
         self._save_interval = save_interval
         self._policy = _policy.SavePolicy(self._held.watch, _policy.schedule_for(save_interval, max_save_interval))
@@ -128,7 +141,7 @@ class CheckpointCallback(TrainerCallback):
         self.close()
         model: Any = kwargs.get("model")
         self._set_up(args, model, kwargs.get("processing_class"))  # every check before the lock is taken
-        self._last_saved, self.preempted = None, False
+        self._last_saved, self.preempted, self._save_in_flight = None, False, False
         error = None
         if args.should_save:
             try:
@@ -171,6 +184,8 @@ class CheckpointCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._economics.clock.step_end()
+        if self._save_in_flight:  # the only collective on a step without a save, and only while one runs
+            self._take_verdict(args, state, control, wait=False)
         decision = self._policy.at_step_end(state, control)
         if decision.stop:
             return self._save_for_preemption(args, state, control, kwargs["model"])
@@ -187,6 +202,7 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         try:
+            self._take_verdict(args, state, control, wait=True)
             if not self.preempted and state.global_step >= state.max_steps:
                 self._upload(self._save_final(args, state, kwargs["model"]))
             if self._held.uploader is not None:
@@ -199,29 +215,37 @@ class CheckpointCallback(TrainerCallback):
 
     def _save_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module):
         try:
-            path = _save.save(self._settings, model, step_name(state.global_step), state.global_step, args.should_save)
+            self._take_verdict(args, state, control, wait=True)  # at most one save in flight
+            started = time.perf_counter()
+            self._settings.last_stats = None
+            path = _save.save(self._settings, model, step_name(state.global_step), state.global_step, args.should_save,
+                              background=self._held.background)
         except BaseException:
             self.close()  # train() ends with this error: no on_train_end will run
             raise
+        self._economics.clock.exclude(time.perf_counter() - started)  # what this step waited for is not the step
         self._last_saved = (state.global_step, path)
+        self._save_in_flight = self._held.background is not None and any_rank(self._held.background.pending)
         self._upload(path)
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False
-        self._after_save(args, state, control)
+        if not self._save_in_flight:  # an async save is measured when its verdict is taken
+            self._after_save(args, state, control, state.global_step)
 
-    def _after_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
-        """Collective (the auto interval's broadcast): measure, report and advise after a step save."""
+    def _after_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, step: int) -> None:
+        """Collective (the auto interval's broadcast): measure, report and advise after the step save of `step`."""
         advice, stats = None, self._settings.last_stats
         if args.should_save and stats is not None:
             self._log.emit(stats.metrics(), state, control)
             advice = self._economics.saved(stats, state.max_steps, self._policy.schedule.current_interval(args, state))
-        self._policy.schedule.after_save(state.global_step, advice.optimal.steps if advice is not None else None)
+        self._policy.schedule.after_save(step, advice.optimal.steps if advice is not None else None)
 
     def _save_for_preemption(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module
     ) -> TrainerControl:
         if not self._saved_at(state.global_step):
             self._save_step(args, state, control, model)
+        self._take_verdict(args, state, control, wait=True)  # stopping: this step's save must be published first
         self.preempted = True
         control.should_training_stop = True
         control.should_save = self.keeps_trainer_checkpoints(args)
@@ -236,6 +260,26 @@ class CheckpointCallback(TrainerCallback):
             return _save.link_final(self._settings, self._last_saved[1], args.should_save)
         settings = self._settings if final is self.strategy else dataclasses.replace(self._settings, strategy=final)
         return _save.save(settings, model, FINAL_NAME, state.global_step, args.should_save)
+
+    def _take_verdict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, wait: bool) -> None:
+        """Collective while an async save is in flight (a no-op otherwise): once it is done on the writer, or when
+        `wait`, every rank learns its verdict; a failure is raised on every rank, the previous checkpoint stays."""
+        background = self._held.background
+        if not self._save_in_flight or background is None or self._last_saved is None:
+            return
+        if not wait and any_rank(background.in_flight):
+            return
+        path, error = background.take_verdict()
+        self._save_in_flight = False
+        try:
+            raise_on_all_ranks(error)
+        except BaseException:
+            self.close()  # train() ends with this error
+            raise
+        step = self._last_saved[0]
+        self._last_saved = (step, path)
+        self._upload(path)
+        self._after_save(args, state, control, step)
 
     def _upload(self, published: Path | None) -> None:
         """Queue a checkpoint just published on this rank, when this rank uploads (rank 0 with upload_to)."""

@@ -25,6 +25,7 @@ EPILOG = """exit codes:
   1  a check failed: verify found a damaged checkpoint (or, with --load, it did not load);
      inspect found an incomplete checkpoint; latest found no complete checkpoint
   2  a usage mistake: bad arguments, a path that does not exist, a file where a directory is expected
+     (verify instead reports such a path as CORRUPT and goes on checking the others)
 
 Scripts: --model $(open-instruct-ckpt latest out)"""
 
@@ -124,10 +125,11 @@ def _inspect_lines(info: dict[str, Any]) -> list[str]:
 # -- verify -----------------------------------------------------------------------------------------
 
 def verify(paths: list[Path], load: bool) -> int:
-    checkpoints = [checkpoint for path in paths for checkpoint in _checkpoints_in(_directory("verify", path))]
+    """Each path is checked and reported, even after one that is missing or damaged."""
+    checkpoints = [checkpoint for path in paths for checkpoint in _checkpoints_in(path)]
     failed = 0
     for path in checkpoints:
-        problems = verify_checkpoint(path)
+        problems = _not_a_directory(path) or verify_checkpoint(path)
         if not problems and load:
             problems = _load_problems(path)
         print(f"{path}: {'OK' if not problems else 'CORRUPT'}")
@@ -137,9 +139,15 @@ def verify(paths: list[Path], load: bool) -> int:
     return FAILED if failed else OK
 
 
+def _not_a_directory(path: Path) -> list[str]:
+    if not path.exists():
+        return ["does not exist"]
+    return [] if path.is_dir() else ["is a file, not a directory"]
+
+
 def _checkpoints_in(path: Path) -> list[Path]:
     """A checkpoint is itself; an output directory stands for each checkpoint directory in it."""
-    if (path / MANIFEST_NAME).exists():
+    if not path.is_dir() or (path / MANIFEST_NAME).exists():
         return [path]
     inside = [entry.path for entry in _inspect.list_checkpoints(path) if not entry.name.startswith(".")]
     return inside or [path]

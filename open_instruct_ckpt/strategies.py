@@ -3,6 +3,10 @@
 Rank contract shared by every strategy: `save` is called on every rank (gathering a sharded model is
 collective); `directory` is the writer's staging directory and None on every other rank,
 which then only takes part in the gathers and keeps no state dict.
+
+`snapshot(model, directory, generation_config, arena)` is the same gather for async saves: the
+writer copies every tensor into `arena` (a true copy) and gets back `persist`, which writes the
+files later from those copies; `save` is `snapshot` without an arena, writing while it gathers.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -20,7 +25,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from ._gather import for_each_module_state, model_class, own_state, settle, stored_nbytes
-from ._shards import ShardWriter, plan_shards
+from ._shards import ShardWriter, files_of_rank, plan_shards, saved_bytes
 
 
 @dataclass
@@ -29,6 +34,9 @@ class WriteReport:
 
     peak_held_bytes: int = 0
     sha256: dict[str, str] = field(default_factory=dict)
+
+
+Persist = Callable[[], WriteReport]  # writer: write the files a snapshot left to write
 
 
 @runtime_checkable
@@ -44,6 +52,10 @@ class CheckpointStrategy(Protocol):
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
         """Collective. Write the checkpoint into `directory` on the writer (empty report elsewhere)."""
+
+    def snapshot(self, model: nn.Module, directory: Path | None, generation_config: Any, arena: Any = None) -> Persist:
+        """Collective. Gather (copying into `arena`, an async save's staging memory, when given); the returned
+        `persist` writes what is left on the writer. `save` is `snapshot(...)()`."""
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -68,14 +80,26 @@ def _check_shard_size(owner: str, value: object) -> None:
         raise ValueError(f"{owner}(max_shard_size={value!r}): must be positive, e.g. '5GB'")
 
 
+WRITERS = ("main", "all")
+
+
 @dataclass(frozen=True)
 class FullModel:
-    """The whole model in safetensors, loadable with `from_pretrained` of its class."""
+    """The whole model in safetensors, loadable with `from_pretrained` of its class.
+
+    `writers="all"` (distributed runs): every rank writes distinct shard files of the same plan (file
+    i by rank i mod world_size) into one staging directory, which must be on a filesystem shared by
+    all ranks; rank 0 writes the index, configs, tokenizer and the manifest last. `"main"`: rank 0 only.
+    """
 
     max_shard_size: int | str | None = None
+    writers: str = field(default="main", repr=False)  # how it is written, not what: not in the manifest
 
     def __post_init__(self) -> None:
         _check_shard_size("FullModel", self.max_shard_size)
+        if self.writers not in WRITERS:
+            raise ValueError(f"FullModel(writers={self.writers!r}): use 'main' (rank 0 writes) or 'all' (every rank "
+                             "writes its share of the shard files; needs an output_dir shared by all ranks)")
 
     def check(self, model: nn.Module) -> None:
         if _is_peft(model):
@@ -93,12 +117,16 @@ class FullModel:
         return model
 
     def estimate_bytes(self, model: nn.Module) -> int:
-        return plan_shards(model, self.max_shard_size).total_bytes
+        return saved_bytes(model)
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        return self.snapshot(model, directory, generation_config)()
+
+    def snapshot(self, model: nn.Module, directory: Path | None, generation_config: Any, arena: Any = None,
+                 share: tuple[int, int, bool] | None = None) -> Persist:
         self.check(model)
         settle(model)
-        return write_module(model, directory, generation_config, self.max_shard_size)
+        return write_module(model, directory, generation_config, self.max_shard_size, arena, share)
 
 
 @dataclass(frozen=True)
@@ -139,36 +167,68 @@ class ModelAttribute:
         return module
 
     def estimate_bytes(self, model: nn.Module) -> int:
-        return plan_shards(self.saved_module(model), self.max_shard_size).total_bytes
+        return saved_bytes(self.saved_module(model))
 
     def save(self, model: nn.Module, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        return self.snapshot(model, directory, generation_config)()
+
+    def snapshot(self, model: nn.Module, directory: Path | None, generation_config: Any, arena: Any = None) -> Persist:
         settle(model)
-        return write_module(self.saved_module(model), directory, generation_config, self.max_shard_size)
+        return write_module(self.saved_module(model), directory, generation_config, self.max_shard_size, arena)
+
+
+def _nothing_to_write() -> WriteReport:
+    return WriteReport()
+
+
+def _copier(arena: Any) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    if arena is None:
+        return lambda state: state  # sync: written before training resumes, read in place
+    return lambda state: {name: arena.copy(t) for name, t in state.items()}
 
 
 def write_module(
-    module: nn.Module, directory: Path | None, generation_config: GenerationConfig | None, max_shard_size
-) -> WriteReport:
-    """Collective: stream `module`'s weights into shards (as `save_pretrained` lays them out), plus its configs."""
+    module: nn.Module, directory: Path | None, generation_config: GenerationConfig | None, max_shard_size,
+    arena: Any = None, share: tuple[int, int, bool] | None = None,
+) -> Persist:
+    """Collective: gather `module`'s weights into shards (as `save_pretrained` lays them out); returns `persist`,
+    which writes what is left and the configs. Without an arena, shards are written as they fill (during the
+    gather); with one, every tensor is copied into it and `persist` writes every file. `share` is (rank,
+    world_size, publisher) for writers="all": this rank writes its own files, the publisher also index and configs."""
     plan = plan_shards(module, max_shard_size)
-    writer = ShardWriter(directory, plan) if directory is not None else None
-    consume = (lambda state: writer.add(plan.revert_names(state))) if writer else None
+    writer = ShardWriter(directory, plan, defer=arena is not None) if directory is not None else None
+    if writer is not None and share is not None:
+        writer.owned, writer.write_index = files_of_rank(plan, share[0], share[1]), share[2]
+    copied = _copier(arena)
+    consume = (lambda state: writer.add(copied(plan.revert_names(state)))) if writer else None
     for_each_module_state(plan.groups, consume)
     if writer is None:
-        return WriteReport()
-    writer.finish()
-    if isinstance(module, PreTrainedModel):
-        _write_model_configs(module, writer.directory, generation_config)
-    return WriteReport(writer.peak_held_bytes, dict(writer.sha256))
+        return _nothing_to_write
+    publisher = share is None or share[2]  # writes the configs
+    configs = _configs_to_write(module, generation_config) if publisher else []
+
+    def persist() -> WriteReport:
+        writer.finish()
+        _write_configs(configs, writer.directory)
+        return WriteReport(writer.peak_held_bytes, dict(writer.sha256))
+
+    return persist
 
 
-def _write_model_configs(model: PreTrainedModel, directory: Path, generation_config: GenerationConfig | None) -> None:
-    config = copy.deepcopy(model.config)
-    config.dtype = str(model.dtype).split(".")[1]
-    config.architectures = [model_class(model).__name__]
-    config.save_pretrained(directory)
-    if generation_config is not None and model.can_generate():
-        generation_config.save_pretrained(directory)
+def _configs_to_write(module: nn.Module, generation_config: GenerationConfig | None) -> list[Any]:
+    """The model config (and generation config, for a generative model) to save beside `module`'s weights,
+    copied now: an async persist phase may write them while training goes on."""
+    if not isinstance(module, PreTrainedModel):
+        return []
+    config = copy.deepcopy(module.config)
+    config.dtype = str(module.dtype).split(".")[1]
+    config.architectures = [model_class(module).__name__]
+    return [config] + ([generation_config] if generation_config is not None and module.can_generate() else [])
+
+
+def _write_configs(configs: list[Any], directory: Path) -> None:
+    for config in configs:
+        config.save_pretrained(directory)
 
 
 @dataclass(frozen=True)
@@ -217,19 +277,25 @@ class LoRAAdapter:
         return sum(stored_nbytes(t) for _, own in self._groups(model) for t in own.values())
 
     def save(self, model: Any, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
+        return self.snapshot(model, directory, generation_config)()
+
+    def snapshot(self, model: Any, directory: Path | None, generation_config: Any, arena: Any = None) -> Persist:
         self.check(model)
         settle(model)
         state: dict[str, torch.Tensor] = {}
-        for_each_module_state(self._groups(model), state.update if directory is not None else None)
+        copied = _copier(arena)
+        for_each_module_state(self._groups(model), (lambda s: state.update(copied(s))) if directory is not None else None)
         if directory is None:
-            return WriteReport()
-        held = sum(t.numel() * t.element_size() for t in state.values())
-        model.save_pretrained(
-            str(directory), state_dict=state, save_embedding_layers=self._embeddings_saved(model), is_main_process=True
-        )
-        if generation_config is not None:
-            generation_config.save_pretrained(directory)
-        return WriteReport(peak_held_bytes=held)
+            return _nothing_to_write
+        embeddings = self._embeddings_saved(model)
+
+        def persist() -> WriteReport:
+            model.save_pretrained(str(directory), state_dict=state, save_embedding_layers=embeddings, is_main_process=True)
+            if generation_config is not None:
+                generation_config.save_pretrained(directory)
+            return WriteReport(peak_held_bytes=sum(t.numel() * t.element_size() for t in state.values()))
+
+        return persist
 
     def _groups(self, model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
         wanted = {id(p) for p in model.parameters() if p.requires_grad}

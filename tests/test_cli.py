@@ -192,10 +192,20 @@ def test_usage_mistakes_are_one_line(arguments, message):
 @pytest.mark.parametrize("command", [["list"], ["latest"], ["inspect"], ["verify"], ["verify", "--load"], ["advise"],
                                      ["demo", "--out"]])
 def test_missing_path_or_file_for_a_directory_is_one_line(command, tmp_path):
+    if command[0] == "verify":
+        return _verify_reports_a_missing_path_or_a_file_and_fails(command, tmp_path)
     if command[0] != "demo":  # demo creates its output directory
         assert one_line_error(cli(*command, tmp_path / "nope")).endswith(f"{tmp_path / 'nope'} does not exist")
     (tmp_path / "file").write_text("x")
     assert "is a file, not a directory" in one_line_error(cli(*command, tmp_path / "file"))
+
+
+def _verify_reports_a_missing_path_or_a_file_and_fails(command, tmp_path):
+    (tmp_path / "file").write_text("x")
+    done = cli(*command, tmp_path / "nope", tmp_path / "file")
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+    assert done.stdout.splitlines() == [f"{tmp_path / 'nope'}: CORRUPT", "  does not exist",
+                                        f"{tmp_path / 'file'}: CORRUPT", "  is a file, not a directory"]
 
 
 def test_inspect_of_an_output_directory_points_to_list(run):

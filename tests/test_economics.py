@@ -165,3 +165,29 @@ def test_progress_bar_follows_disable_tqdm(tmp_path, tokenizer, capsys):
                      max_steps=2, disable_tqdm=disable).train()
         err = capsys.readouterr().err
         assert ("saving step_2" in err) is not disable
+
+
+@dataclass(frozen=True)
+class SlowPersistFullModel(FullModel):
+    """The background (persist) half of an async save takes a second; the snapshot is as fast as ever."""
+
+    def snapshot(self, model, directory, generation_config, arena=None, share=None):
+        persist = super().snapshot(model, directory, generation_config, arena, share)
+
+        def slow_persist():
+            time.sleep(1.0)
+            return persist()
+
+        return slow_persist
+
+
+def test_async_saves_are_measured_once_each_when_their_verdict_is_taken(tmp_path, tokenizer, llama):
+    callback = CheckpointCallback(SlowPersistFullModel(), async_save=True, mtbf_hours=1.0)
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=4, save_steps=2)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "checkpoint/bytes" in entry]
+    assert [entry["checkpoint/bytes"] for entry in logged] == [manifest_bytes(tmp_path / n) for n in ("step_2", "step_4")]
+    assert all(entry["checkpoint/save_seconds"] - entry["checkpoint/blocking_seconds"] >= 0.9 for entry in logged)
+    saves = json.loads((tmp_path / RUN_RECORD_NAME).read_text())["saves"]
+    assert [save["step"] for save in saves] == [2, 4]
+    assert all(save["blocking_seconds"] < save["total_seconds"] - 0.9 for save in saves)

@@ -65,6 +65,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--trainer-checkpoints", action="store_true")
     parser.add_argument("--fail-free-space-at-step", type=int, default=None, help="rank 0 sees a full disk")
     parser.add_argument("--fail-shard-write-at-step", type=int, default=None, help="rank 0's disk fills mid-save")
+    parser.add_argument("--writers", choices=["main", "all"], default="main", help="FullModel(writers=...)")
+    parser.add_argument("--async-save", action="store_true", help="CheckpointCallback(async_save=True)")
     parser.add_argument("--expect-error", action="store_true")
     return parser.parse_args()
 
@@ -187,7 +189,7 @@ class Recorder(TrainerCallback):
         self.report["sharded_params"] = sum(_gather.is_sharded(p) for p in model.parameters())
         self.report["params"] = sum(1 for _ in model.parameters())
         self.report["param_devices"] = sorted({str(getattr(p, "_local_tensor", p).device) for p in model.parameters()})
-        if not args.should_save:
+        if not args.should_save and self.opts.writers == "main":
             self.report["rlimit_probe"] = forbid_file_writes(self.opts.out / "reports" / f"probe{dist.get_rank()}")
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -258,6 +260,13 @@ class Recording:
         self.peaks.append(getattr(written, "peak_held_bytes", written))
         return written
 
+    def snapshot(self, model, directory, generation_config, arena=None, *share):
+        return self.inner.snapshot(model, directory, generation_config, arena, *share)
+
+    @property
+    def writers(self):
+        return getattr(self.inner, "writers", "main")
+
     def __repr__(self) -> str:
         return repr(self.inner)
 
@@ -312,8 +321,10 @@ def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: 
 
     args, tokenizer = training_args(opts), llama_tokenizer()
     model, strategy_class = build(opts.strategy, tokenizer, opts.tie, opts.lora_embeddings, opts.merged_final)
-    strategy = strategy_class(max_shard_size=opts.max_shard_size)
-    callback = CheckpointCallback(Recording(strategy, peaks), trainer_checkpoints=opts.trainer_checkpoints or None)
+    writers = {"writers": opts.writers} if opts.writers != "main" else {}
+    strategy = strategy_class(max_shard_size=opts.max_shard_size, **writers)
+    callback = CheckpointCallback(Recording(strategy, peaks), trainer_checkpoints=opts.trainer_checkpoints or None,
+                                  async_save=opts.async_save)
     spy_on_gathers(model, gathered, gather_bytes, deepspeed=opts.engine in DEEPSPEED)
     report.update(should_save=args.should_save, world_size=args.world_size)
     if args.should_save and opts.strategy != "lora":

@@ -1,0 +1,192 @@
+"""The issue-10 table in one run: save speed ratios, async blocking, training while saving, callback cost.
+
+    python benchmarks/save_speed.py                  # ~340 MB fp32 Llama (hidden 768, 6 layers), best of 3
+    python benchmarks/save_speed.py --dir /mnt/nvme --repeats 5
+
+Every contender writes the same model into the same directory and fsyncs every file it wrote, so
+ratios compare work. Times are the best of `--repeats` (the least disturbed by other load). Nothing
+here asserts a target: it prints, and `benchmarks/README.md` keeps the latest table by hand.
+Rows (issue 10, section 4): 1 sync FullModel vs raw write / save_pretrained / torch.save;
+2 async blocked time over the sync save; 3 training throughput while a background save runs;
+4 LoRAAdapter vs FullModel save time next to their byte ratio; 5 callback cost on steps without a save.
+Row 6 (2-process ZeRO-3/FSDP2 writer memory) is `zero3_peak_memory.py` / `fsdp2_peak_memory.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, _async, _save
+from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
+
+
+def fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def ours(strategy, model, tokenizer, target: Path) -> None:
+    _save.save(_save.SaveSettings(strategy, tokenizer, None, target, keep_last=None), model, "step_1", 1, True)
+
+
+def save_pretrained(model, tokenizer, target: Path) -> None:
+    model.save_pretrained(target / "hf")
+    tokenizer.save_pretrained(target / "hf")
+    fsync_tree(target / "hf")
+
+
+def torch_save(model, target: Path) -> None:
+    torch.save(model.state_dict(), target / "model.pt")
+    fsync_tree(target)
+
+
+def raw_write(payload: memoryview, target: Path) -> None:
+    with open(target / "raw.bin", "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def best(action, root: Path, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        target = Path(tempfile.mkdtemp(dir=root))
+        started = time.perf_counter()
+        action(target)
+        times.append(time.perf_counter() - started)
+        shutil.rmtree(target)
+    return min(times)
+
+
+def async_blocked(model, tokenizer, root: Path, repeats: int) -> tuple[float, float]:
+    """Row 2: seconds training is blocked (snapshot) and seconds until the background save is published."""
+    blocked, total = [], []
+    saver = _async.BackgroundSaver()  # one per run, as in the callback: the arena is allocated once and reused
+    for _ in range(repeats + 1):  # the first save allocates (and first-touches) the arena: not counted
+        target = Path(tempfile.mkdtemp(dir=root))
+        settings = _save.SaveSettings(FullModel(), tokenizer, None, target, keep_last=None)
+        started = time.perf_counter()
+        _save.save(settings, model, "step_1", 1, True, background=saver)
+        blocked.append(time.perf_counter() - started)
+        path, error = saver.take_verdict()
+        total.append(time.perf_counter() - started)
+        assert error is None and path is not None, error
+        shutil.rmtree(target)
+    return min(blocked[1:]), min(total[1:])
+
+
+def train_steps_per_s(model, steps: int, during: threading.Event | None = None) -> float:
+    """Row 3: forward+backward+SGD steps per second on `model` (runs until `during` is cleared, if given)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (4, 64))
+    done, started = 0, time.perf_counter()
+    while done < steps or (during is not None and during.is_set()):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def throughput_while_saving(tokenizer, big, root: Path) -> float:
+    """Row 3: a small model trains while a background save of the big model runs, over training alone."""
+    small = llama_model(tokenizer, hidden=256, layers=2)
+    alone = train_steps_per_s(small, 10)
+    target = Path(tempfile.mkdtemp(dir=root))
+    saver = _async.BackgroundSaver()
+    _save.save(_save.SaveSettings(FullModel(), tokenizer, None, target, keep_last=None), big, "step_1", 1, True,
+               background=saver)
+    running = threading.Event()
+    running.set()
+    threading.Thread(target=lambda: (saver.wait(), running.clear()), daemon=True).start()
+    during = train_steps_per_s(small, 1, running)
+    saver.take_verdict()
+    shutil.rmtree(target)
+    return during / alone
+
+
+def callback_cost(tokenizer, root: Path, steps: int = 40) -> tuple[float, float]:
+    """Row 5: seconds per step spent in CheckpointCallback.on_step_end without a save, and the step time."""
+    callback = CheckpointCallback(FullModel(), output_dir=root / "cb", existing_checkpoints="supersede")
+    spent: list[float] = []
+    inner = callback.on_step_end
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        result = inner(*args, **kwargs)
+        spent.append(time.perf_counter() - started)
+        return result
+
+    callback.on_step_end = timed
+    args = TrainingArguments(output_dir=str(root / "cb"), max_steps=steps, save_strategy="steps", save_steps=10**6,
+                             per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True,
+                             save_only_model=True, logging_steps=10**6)
+    trainer = Trainer(model=llama_model(tokenizer), args=args, train_dataset=TinyTextDataset(len(tokenizer), rows=4 * steps),
+                      processing_class=tokenizer, callbacks=[callback])
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    shutil.rmtree(root / "cb", ignore_errors=True)
+    # The median call: the Trainer sets should_save at the last step, and that call saves.
+    return sorted(spent)[len(spent) // 2], seconds / steps
+
+
+def lora_vs_full(tokenizer, model, root: Path, repeats: int) -> tuple[float, float]:
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    lora_s = best(lambda t: ours(LoRAAdapter(), lora, tokenizer, t), root, repeats)
+    byte_ratio = LoRAAdapter().estimate_bytes(lora) / FullModel().estimate_bytes(model)
+    lora.unload()
+    return lora_s, byte_ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="save_speed-", dir=args.dir))
+    tokenizer = llama_tokenizer(extra_words=32000 - 52)
+    model = llama_model(tokenizer, hidden=args.hidden, layers=args.layers)
+    model_bytes = FullModel().estimate_bytes(model)
+    payload = memoryview(bytearray(os.urandom(1024)) * (model_bytes // 1024))
+    r = args.repeats
+    sync_s = best(lambda t: ours(FullModel(), model, tokenizer, t), root, r)
+    raw_s = best(lambda t: raw_write(payload, t), root, r)
+    hf_s = best(lambda t: save_pretrained(model, tokenizer, t), root, r)
+    pt_s = best(lambda t: torch_save(model, t), root, r)
+    blocked_s, background_s = async_blocked(model, tokenizer, root, r)
+    throughput = throughput_while_saving(tokenizer, model, root)
+    lora_s, byte_ratio = lora_vs_full(tokenizer, model, root, r)
+    per_step, step_s = callback_cost(llama_tokenizer(), root)
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"model {model_bytes / 1e6:.0f} MB fp32, best of {r}, dir {args.dir}, {os.cpu_count()} cores\n")
+    print("| row | measure | value | target |\n|---|---|---|---|")
+    print(f"| 1 | sync FullModel {sync_s:.3f} s; speed vs raw write ({raw_s:.3f} s) | {raw_s / sync_s:.2f}x | >= 0.9x |")
+    print(f"| 1 | speed vs save_pretrained ({hf_s:.3f} s) | {hf_s / sync_s:.2f}x | >= 1.0x |")
+    print(f"| 1 | speed vs torch.save ({pt_s:.3f} s) | {pt_s / sync_s:.2f}x | - |")
+    print(f"| 2 | async blocked {blocked_s:.3f} s over sync save | {blocked_s / sync_s:.2f}x | <= 0.3x |")
+    print(f"| 2 | async: snapshot to published | {background_s:.3f} s | - |")
+    print(f"| 3 | training steps/s while a background save runs, over none | {throughput:.2f}x | >= 0.9x |")
+    print(f"| 4 | LoRAAdapter save {lora_s:.3f} s over FullModel; bytes ratio {byte_ratio:.4f} | {lora_s / sync_s:.3f}x | - |")
+    print(f"| 5 | callback on_step_end without a save: {per_step * 1e6:.0f} us of a {step_s * 1e3:.0f} ms step "
+          f"| {per_step / step_s * 100:.3f}% | < 1% |")
+
+
+if __name__ == "__main__":
+    main()

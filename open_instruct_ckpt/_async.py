@@ -1,0 +1,122 @@
+"""Async saves: a host staging arena for the snapshot, and one background thread for the persist phase.
+
+Training waits only for the snapshot: the (collective) gather and a copy of every saved tensor
+into the arena, which is allocated once and reused by later saves (pinned when CUDA is present, so
+device-to-host copies are non-blocking). The persist phase (write + sha256, fsync, seal, publish,
+clean-up) is the sync code path run by `BackgroundSaver` in one worker thread; its verdict (the
+published path or the exception) is taken later by the callback.
+
+A thread, not a process: the persist phase spends its time in write(2), fsync(2) and hashlib,
+all of which release the GIL, so a thread competes with training for CPU and disk but hardly for
+the GIL (benchmarks/save_speed.py row 3 measures it). A worker process would need the arena in
+shared memory and the tokenizer pickled across, for no gain on that measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_ALIGN = 64  # every tensor starts 64-byte aligned, so a byte slice can be viewed as any dtype
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read (then nothing is refused)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class Arena:
+    """Writer-only host memory that snapshot tensors are copied into; reused by every save of the run."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self._offset = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a snapshot of `nbytes` fits in the arena, or in host memory when the arena must grow."""
+        if nbytes <= self.capacity:
+            return True
+        available = available_host_bytes()
+        return available is None or available + self.capacity > nbytes * 1.1 + (1 << 30)
+
+    def reset(self, nbytes: int) -> None:
+        """Start a snapshot of about `nbytes`: (re)allocate only when the arena is too small."""
+        if nbytes > self.capacity:
+            self._buffer = None  # give the old arena back before taking the bigger one
+            pinned = torch.cuda.is_available()
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self._offset = 0
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A true copy of `tensor` in the arena (a fresh tensor if the arena is full): never a view of the model."""
+        nbytes = tensor.numel() * tensor.element_size()
+        start = -(-self._offset // _ALIGN) * _ALIGN
+        if self._buffer is None or start + nbytes > self._buffer.numel():
+            return tensor.detach().to("cpu", copy=True)
+        self._offset = start + nbytes
+        slot = self._buffer[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+        slot.copy_(tensor.detach(), non_blocking=self._buffer.is_pinned())
+        return slot
+
+    def settle(self) -> None:
+        """Wait for non-blocking device-to-host copies, before the snapshot counts as taken."""
+        if self._buffer is not None and self._buffer.is_pinned():
+            torch.cuda.synchronize()
+
+
+class BackgroundSaver:
+    """At most one persist phase in flight, in a worker thread. Writer-side; every rank may hold one."""
+
+    def __init__(self) -> None:
+        self.arena = Arena()
+        self._thread: threading.Thread | None = None
+        self._verdict: tuple[Path | None, BaseException | None] | None = None
+
+    @property
+    def pending(self) -> bool:
+        """A save was started and its verdict not yet taken (done or not)."""
+        return self._thread is not None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, persist: Callable[[], Path]) -> None:
+        """Run `persist` in the background; its return value or exception is the next verdict."""
+        if self._thread is not None:
+            raise RuntimeError("a background save is still pending: take its verdict first")
+        self._thread = threading.Thread(target=self._run, args=(persist,), name="open_instruct_ckpt-save", daemon=True)
+        self._thread.start()
+
+    def _run(self, persist: Callable[[], Path]) -> None:
+        try:
+            self._verdict = (persist(), None)
+        except BaseException as exc:  # handed to the training thread by take_verdict
+            self._verdict = (None, exc)
+
+    def take_verdict(self) -> tuple[Path | None, BaseException | None]:
+        """Wait for the save in flight; return (published path, None) or (None, error); (None, None) if none."""
+        self.wait()
+        verdict, self._verdict, self._thread = self._verdict or (None, None), None, None
+        return verdict
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()

@@ -1,0 +1,30 @@
+"""FullModel(writers="all"), 2 processes (ZeRO-3, gloo): each rank writes its share of the shard files, and the
+checkpoint is byte-identical to the one rank 0 alone writes (writers="main") for the same run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch import deepspeed_op, launched  # noqa: F401 (fixtures)
+from open_instruct_ckpt import verify_checkpoint
+
+pytestmark = pytest.mark.distributed
+ARGS = ("--strategy", "full", "--engine", "zero3", "--max-shard-size", "20000", "--max-steps", "2")
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.name != "checkpoint.json"}
+
+
+def test_all_writers_checkpoint_is_byte_identical_to_one_writer(launched):
+    one, every = launched(*ARGS).check(), launched(*ARGS, "--writers", "all").check()
+    ours, reference = every.checkpoints / "step_2", one.checkpoints / "step_2"
+    assert verify_checkpoint(ours) == []  # every rank's sha256 reached the manifest
+    assert _files(ours) == _files(reference) and len([n for n in _files(ours) if n.startswith("model-")]) > 2
+    manifest = lambda d: json.loads((d / "checkpoint.json").read_text())["files"]  # noqa: E731
+    assert manifest(ours) == manifest(reference)
+    written_by_rank1 = {event[1].rsplit("/", 1)[-1] for event in every.report(1)["audit"]}
+    assert any(name.startswith("model-") for name in written_by_rank1)  # rank 1 really wrote shards
+    assert one.report(1)["audit"] == []  # writers="main": the non-writer writes nothing

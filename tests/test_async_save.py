@@ -1,0 +1,151 @@
+"""Async saves: the snapshot is a true copy; failures, preemption and train end wait for the background save.
+
+The background is held back where ordering matters by wrapping `_safetensors.write` (the file
+write itself stays real): a test can then change the weights, or signal, while a save is in flight.
+"""
+
+import errno
+import signal
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import entries, make_trainer
+from open_instruct_ckpt import (
+    CheckpointCallback,
+    CheckpointError,
+    FullModel,
+    _async,
+    _safetensors,
+    _save,
+    verify_checkpoint,
+)
+
+
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Shard writes wait until `release` is set; `started` is set when the first one is reached."""
+    real, release, started = _safetensors.write, threading.Event(), threading.Event()
+
+    def write(*args, **kwargs):
+        started.set()
+        assert release.wait(60), "the test never released the background write"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_safetensors, "write", write)
+    return release, started
+
+
+def test_snapshot_is_a_true_copy(tmp_path, tokenizer, llama, held_writes):
+    release, started = held_writes
+    before = {name: t.detach().clone() for name, t in llama.state_dict().items()}
+    saver = _async.BackgroundSaver()
+    settings = _save.SaveSettings(FullModel(), tokenizer, None, tmp_path, keep_last=None)
+    assert _save.save(settings, llama, "step_1", 1, True, background=saver) is None
+    assert started.wait(60) and saver.in_flight  # the save is in flight, its files not yet written
+    with torch.no_grad():
+        for param in llama.parameters():
+            param.add_(1.0)  # what the next optimizer step does to the live weights
+    release.set()
+    path, error = saver.take_verdict()
+    assert error is None and path == tmp_path / "step_1" and verify_checkpoint(path) == []
+    saved = load_file(path / "model.safetensors")
+    assert saved and all(torch.equal(saved[name], before[name]) for name in saved)
+
+
+def test_one_save_in_flight_at_most():
+    saver, release = _async.BackgroundSaver(), threading.Event()
+    saver.start(lambda: release.wait(60))
+    with pytest.raises(RuntimeError, match="still pending"):
+        saver.start(lambda: None)
+    release.set()
+    assert saver.take_verdict() == (True, None) and not saver.pending
+
+
+def test_background_failure_raises_at_next_step_end_and_keeps_previous(tmp_path, tokenizer, llama, monkeypatch):
+    real, calls = _safetensors.write, []
+
+    def fails_on_second_save(path, *args, **kwargs):
+        calls.append(path)
+        if ".tmp-step_4-" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(_safetensors, "write", fails_on_second_save)
+    callback = CheckpointCallback(FullModel(), async_save=True)
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=8, save_steps=2)
+    with pytest.raises(CheckpointError, match=r"writing checkpoint .*step_4 failed: .*No space left on device"):
+        trainer.train()
+    assert trainer.state.global_step == 5  # raised at the step end after the failed save started
+    assert entries(tmp_path) == {"step_2"} and verify_checkpoint(tmp_path / "step_2") == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_preemption_during_background_save_finishes_it_then_saves_and_stops(tmp_path, tokenizer, llama, held_writes):
+    release, started = held_writes
+
+    class SignalWhileSaving(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # step 3 begins with the step-2 save held in the background
+                assert started.wait(60)
+                signal.raise_signal(signal.SIGUSR1)
+                threading.Timer(0.5, release.set).start()
+
+    callback = CheckpointCallback(FullModel(), async_save=True, preemption_signals=(signal.SIGUSR1,))
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=10, save_steps=2)
+    trainer.add_callback(SignalWhileSaving())
+    trainer.train()
+    assert callback.preempted and trainer.state.global_step == 3
+    assert entries(tmp_path) == {"step_2", "step_3"}
+    assert verify_checkpoint(tmp_path / "step_2") == [] and verify_checkpoint(tmp_path / "step_3") == []
+
+
+def test_train_end_waits_for_the_background_save(tmp_path, tokenizer, llama, held_writes):
+    release, _ = held_writes
+    threading.Timer(2.0, release.set).start()
+    callback = CheckpointCallback(FullModel(), async_save=True)
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=4, save_steps=2)
+    trainer.train()
+    assert entries(tmp_path) == {"step_2", "step_4", "final"}
+    assert all(verify_checkpoint(tmp_path / name) == [] for name in ("step_2", "step_4", "final"))
+    assert not callback._held.background.pending
+
+
+def test_async_save_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"async_save='yes' must be True or False"):
+        CheckpointCallback(FullModel(), async_save="yes")
+
+
+def test_arena_refuses_what_host_memory_cannot_hold(monkeypatch):
+    arena = _async.Arena()
+    monkeypatch.setattr(_async, "available_host_bytes", lambda: 4 << 30)
+    assert arena.fits(1 << 30) and not arena.fits(8 << 30)
+    arena.reset(1024)
+    copy = arena.copy(torch.arange(10, dtype=torch.float32))
+    assert copy.untyped_storage().data_ptr() == arena._buffer.untyped_storage().data_ptr()
+    arena.reset(512)
+    assert arena.capacity == 1024  # reused, not reallocated
+
+
+def test_falls_back_to_a_sync_save_with_a_warning_when_host_memory_is_short(tmp_path, tokenizer, llama, monkeypatch,
+                                                                              caplog):
+    monkeypatch.setattr(_async, "available_host_bytes", lambda: 1024)  # a host that cannot hold the arena
+    saver = _async.BackgroundSaver()
+    settings = _save.SaveSettings(FullModel(), tokenizer, None, tmp_path, keep_last=None)
+    assert _save.save(settings, llama, "step_1", 1, True, background=saver) == tmp_path / "step_1"
+    assert not saver.pending and saver.arena.capacity == 0
+    assert "Saving synchronously: host memory cannot hold the" in caplog.text
+
+
+def test_uploads_are_queued_after_the_background_publish(tmp_path, tokenizer, llama, held_writes):
+    release, _ = held_writes
+    threading.Timer(1.0, release.set).start()
+    remote = tmp_path / "remote"
+    callback = CheckpointCallback(FullModel(), async_save=True, upload_to=str(remote))
+    trainer = make_trainer(llama, tokenizer, tmp_path / "out", callback, max_steps=4, save_steps=2)
+    trainer.train()
+    assert entries(remote) == {"step_2", "step_4", "final"}
+    assert all(verify_checkpoint(remote / name) == [] for name in ("step_2", "step_4", "final"))
