@@ -16,40 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from save_speed import ours, raw_write, save_pretrained, torch_save  # the same contenders, best-of there
 
-from open_instruct_ckpt import FullModel, _save
+from open_instruct_ckpt import FullModel
 from open_instruct_ckpt.tiny import llama_model, llama_tokenizer
-
-
-def fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def ours(model, tokenizer, target: Path) -> None:
-    settings = _save.SaveSettings(FullModel(), tokenizer, None, target, keep_last=None)
-    _save.save(settings, model, "step_1", 1, is_writer=True)
-
-
-def save_pretrained(model, tokenizer, target: Path) -> None:
-    model.save_pretrained(target / "hf")
-    tokenizer.save_pretrained(target / "hf")
-    fsync_tree(target / "hf")
-
-
-def torch_save(model, tokenizer, target: Path) -> None:
-    torch.save(model.state_dict(), target / "model.pt")
-    fsync_tree(target)
-
-
-def raw_write(payload: memoryview, target: Path) -> None:
-    with open(target / "raw.bin", "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def timed(action, root: Path) -> float:
@@ -75,9 +45,9 @@ def main() -> None:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     payload = memoryview(bytearray(os.urandom(1024)) * (model_bytes // 1024))
     contenders = {
-        "ours (FullModel, atomic+sha256)": lambda t: ours(model, tokenizer, t),
+        "ours (FullModel, atomic+sha256)": lambda t: ours(FullModel(), model, tokenizer, t),
         "save_pretrained + fsync": lambda t: save_pretrained(model, tokenizer, t),
-        "torch.save + fsync": lambda t: torch_save(model, tokenizer, t),
+        "torch.save + fsync": lambda t: torch_save(model, t),
         "raw write + fsync": lambda t: raw_write(payload, t),
     }
     times = {name: [] for name in contenders}

@@ -81,13 +81,7 @@ def save(
     if getattr(settings.strategy, "writers", "main") == "all" and is_distributed():
         return _save_all_writers(settings, model, name, step, is_writer, timer)
     target = settings.output_dir / name
-    staged, error = None, None
-    if is_writer:
-        try:
-            staged = _prepare(settings, model, name)
-        except Exception as exc:
-            error = explained(exc, target)
-    raise_on_all_ranks(error)
+    staged, error = _prepare_on_writer(settings, model, name, is_writer), None
     timer.lap("prepare")
     if background is not None and _snapshot_to_arena(settings, model, background.arena, is_writer):
         persist = _snapshot(settings, model, staged, target, background.arena)
@@ -125,13 +119,7 @@ def _save_all_writers(
     import torch.distributed as dist
 
     target = settings.output_dir / name
-    staged, error = None, None
-    if is_writer:
-        try:
-            staged = _prepare(settings, model, name)
-        except Exception as exc:
-            error = explained(exc, target)
-    raise_on_all_ranks(error)
+    staged, error = _prepare_on_writer(settings, model, name, is_writer), None
     timer.lap("prepare")
     directory = Path(str(broadcast_from_main(str(staged.directory) if staged else None)))
     try:
@@ -247,6 +235,19 @@ def _seal_and_publish(
     _io.seal(staged.directory, {**_manifest(settings, name, step), "stats": stats.in_manifest()}, files=files)
     timer.lap("seal")
     return _io.publish(staged.directory, settings.output_dir, name), stats
+
+
+def _prepare_on_writer(settings: SaveSettings, model: nn.Module, name: str, is_writer: bool) -> _Staged | None:
+    """Collective: the writer's checks and staging directory; a failure there is raised on every rank
+    before any gather starts."""
+    staged, error = None, None
+    if is_writer:
+        try:
+            staged = _prepare(settings, model, name)
+        except Exception as exc:
+            error = explained(exc, settings.output_dir / name)
+    raise_on_all_ranks(error)
+    return staged
 
 
 def _prepare(settings: SaveSettings, model: nn.Module, name: str) -> _Staged:
