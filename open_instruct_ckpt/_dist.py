@@ -6,10 +6,14 @@ must call it at the same point, or the job hangs until the process-group timeout
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 
 from ._errors import CheckpointError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -31,16 +35,16 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def from_rank_zero(value: int) -> int:
-    """Collective: rank 0's `value` on every rank (the others' values are ignored).
+def from_rank_zero(value: T) -> T:
+    """Collective: rank 0's `value` (any picklable object) on every rank; the others' values are ignored.
 
-    Rank 0 always saves (`args.should_save`), so a decision the writer takes reaches every rank.
+    Rank 0 always saves (`args.should_save`), so a decision or path the writer holds reaches every rank.
     """
     if not is_distributed():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=_flag_device())
-    dist.broadcast(tensor, src=0)
-    return int(tensor.item())
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def raise_on_all_ranks(error: BaseException | None) -> None:
@@ -65,15 +69,6 @@ def _first_failure(messages: list[str | None]) -> str:
         if message is not None:
             return f"checkpoint save failed on rank {source_rank}: {message}"
     return "checkpoint save failed on another rank"
-
-
-def broadcast_from_main(value: object) -> object:
-    """Collective: rank 0's `value` on every rank (picklable objects)."""
-    if not is_distributed():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def gather_to_all(value: object) -> list:

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from . import _generation_config, _io, _progress
-from ._dist import any_rank, broadcast_from_main, gather_to_all, is_distributed, raise_on_all_ranks
+from ._dist import any_rank, from_rank_zero, gather_to_all, is_distributed, raise_on_all_ranks
 from ._errors import CheckpointError, explained
 from ._manifest import FINAL_NAME, FORMAT, describe_files
 from ._readers import read_manifest
@@ -121,7 +121,7 @@ def _save_all_writers(
     target = settings.output_dir / name
     staged, error = _prepare_on_writer(settings, model, name, is_writer), None
     timer.lap("prepare")
-    directory = Path(str(broadcast_from_main(str(staged.directory) if staged else None)))
+    directory = Path(from_rank_zero(str(staged.directory) if staged else ""))
     try:
         _probe_writable(directory)
     except Exception as exc:
