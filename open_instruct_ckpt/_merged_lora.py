@@ -15,21 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
 from torch import nn
 from transformers import GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
 from ._gather import for_each_module_state, model_class, own_state, stored_numel
-from ._shards import (
-    DEFAULT_MAX_SHARD_SIZE,
-    WEIGHTS_PATTERN,
-    ShardPlan,
-    ShardWriter,
-    _meta_like,
-    _name_reverter,
-    _untied_names,
-)
+from ._shards import DEFAULT_MAX_SHARD_SIZE, ShardPlan, ShardWriter, _name_reverter, _untied_names, split_plan
 from .strategies import LoRAAdapter, Persist, WriteReport, _configs_to_write, _write_configs
 
 MERGED_DIR = "merged"
@@ -125,17 +116,11 @@ def plan_merged(model: Any) -> tuple[ShardPlan, Callable[[dict[str, torch.Tensor
     kept = _untied_names(base, {merged: state[name] for name, merged in rename.items()})
     rename = {name: merged for name, merged in rename.items() if merged in kept}
     factors = {f"{p}.base_layer.weight": _factors(p, layer, model.active_adapter) for p, layer in layers.items()}
-    revert_names = _name_reverter(base)
-    final_meta = revert_names({merged: _meta_like(state[name]) for name, merged in rename.items()})
-    split = split_torch_state_dict_into_shards(final_meta, filename_pattern=WEIGHTS_PATTERN, max_shard_size=DEFAULT_MAX_SHARD_SIZE)
     lora_ids = {id(t) for name, t in state.items() if name not in rename and _merged_name(name, layers) is None}
-    plan = ShardPlan(
-        groups=_groups(base, layers, state, rename, factors),
-        filename_to_names={f: list(names) for f, names in split.filename_to_tensors.items()},
-        index_metadata={"total_parameters": sum(stored_numel(p) for p in base.parameters() if id(p) not in lora_ids),
-                        **split.metadata},
-        is_sharded=split.is_sharded,
-        revert_names=revert_names,
+    plan = split_plan(
+        {merged: state[name] for name, merged in rename.items()}, _name_reverter(base), DEFAULT_MAX_SHARD_SIZE,
+        sum(stored_numel(p) for p in base.parameters() if id(p) not in lora_ids),
+        lambda _final_names: _groups(base, layers, state, rename, factors),
     )
 
     def merge(gathered: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

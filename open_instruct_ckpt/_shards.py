@@ -47,13 +47,27 @@ def plan_shards(model: nn.Module, max_shard_size: int | str | None) -> ShardPlan
     """Collective-free: plan the files for `model`'s full state dict."""
     tensors = _saved_tensors(model)
     revert_names = _name_reverter(model)
+    return split_plan(
+        tensors, revert_names, max_shard_size, sum(stored_numel(p) for p in model.parameters()),
+        lambda final_names: _groups_in_file_order(model, tensors, final_names, revert_names),
+    )
+
+
+def split_plan(
+    tensors: dict[str, torch.Tensor],
+    revert_names: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    max_shard_size: int | str | None,
+    total_parameters: int,
+    groups: Callable[[list[str]], list],
+) -> ShardPlan:
+    """The files `save_pretrained` would write for `tensors` (keyed by their names before `revert_names`);
+    `groups(final names)` gives the gather order."""
     final_meta = revert_names({name: _meta_like(t) for name, t in tensors.items()})
     split = split_torch_state_dict_into_shards(
         final_meta, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE
     )
-    total_parameters = sum(stored_numel(p) for p in model.parameters())
     return ShardPlan(
-        groups=_groups_in_file_order(model, tensors, list(final_meta), revert_names),
+        groups=groups(list(final_meta)),
         filename_to_names={f: list(names) for f, names in split.filename_to_tensors.items()},
         index_metadata={"total_parameters": total_parameters, **split.metadata},
         is_sharded=split.is_sharded,
@@ -148,7 +162,8 @@ class ShardWriter:
     """Writer-only: receives gathered tensors and writes each shard file once it is complete.
 
     With `defer` (async saves: the tensors already sit in the staging arena) nothing is written
-    until `finish`, which then writes every file. `held_bytes` counts the CPU bytes waiting to be written; `peak_held_bytes` its maximum.
+    until `finish`, which then writes every file. `held_bytes` counts the CPU bytes waiting to be
+    written; `peak_held_bytes` its maximum.
     """
 
     directory: Path
