@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from ._manifest import (
 )
 from ._readers import (
     _MAX_JSON_BYTES,
-    _MAX_SAFETENSORS_HEADER,
     Unreadable,
     _load_json,
     _load_manifest,
@@ -34,6 +32,7 @@ from ._readers import (
     _size_problem,
     latest_checkpoint,
     open_inside,
+    read_safetensors_header,
 )
 
 
@@ -75,15 +74,9 @@ def safetensors_header(directory: Path, relative: str) -> dict[str, Any] | None:
     except Unreadable:
         return None
     try:
-        prefix = os.read(fd, 8)
-        if len(prefix) < 8:
-            return None
-        (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_SAFETENSORS_HEADER:
-            return None
-        header = _load_json(os.read(fd, length))
-        return header if isinstance(header, dict) else None
-    except (Unreadable, OSError):
+        read = read_safetensors_header(fd, os.fstat(fd).st_size)
+        return None if isinstance(read, str) else read[0]
+    except OSError:
         return None
     finally:
         os.close(fd)

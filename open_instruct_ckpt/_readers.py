@@ -288,22 +288,29 @@ def safetensors_header_problems(path: str | Path) -> list[str]:
 
 
 def _header_problems(fd: int, size: int) -> list[str]:
+    read = read_safetensors_header(fd, size)
+    return [read] if isinstance(read, str) else _layout_problems(*read)
+
+
+def read_safetensors_header(fd: int, size: int) -> tuple[dict[str, Any], int] | str:
+    """The JSON header of the open safetensors file `fd` (`size` bytes) and the bytes of tensor data after it,
+    or why it cannot be read as one. Never raises for what the file holds (OSError only from the reads)."""
     os.lseek(fd, 0, os.SEEK_SET)
     prefix = os.read(fd, 8)
     if len(prefix) < 8:
-        return ["truncated safetensors header (file shorter than 8 bytes)"]
+        return "truncated safetensors header (file shorter than 8 bytes)"
     (header_len,) = struct.unpack("<Q", prefix)
     if 8 + header_len > size:
-        return [f"truncated safetensors header ({header_len} header bytes declared, {size - 8} present)"]
+        return f"truncated safetensors header ({header_len} header bytes declared, {size - 8} present)"
     if header_len > _MAX_SAFETENSORS_HEADER:
-        return [f"safetensors header of {header_len} bytes is over the format's limit"]
+        return f"safetensors header of {header_len} bytes is over the format's limit"
     try:
         header = _load_json(os.read(fd, header_len))
     except Unreadable:
-        return ["corrupt safetensors header (not JSON)"]
+        return "corrupt safetensors header (not JSON)"
     if not isinstance(header, dict):
-        return ["corrupt safetensors header (not a JSON object)"]
-    return _layout_problems(header, size - 8 - header_len)
+        return "corrupt safetensors header (not a JSON object)"
+    return header, size - 8 - header_len
 
 
 def _layout_problems(header: dict[str, Any], data_bytes: int) -> list[str]:
