@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+from open_instruct_ckpt import FullModel
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer, olmo_model, olmo_tokenizer
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -64,3 +67,14 @@ def logits(model, tokenizer) -> torch.Tensor:
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     model.eval()
     return model(input_ids=ids).logits
+
+
+@dataclass(frozen=True)
+class SlowFullModel(FullModel):
+    """A real FullModel save that first waits, as a slow gather would."""
+
+    delay: float = 1.5
+
+    def save(self, model, directory, generation_config):
+        time.sleep(self.delay)
+        return super().save(model, directory, generation_config)

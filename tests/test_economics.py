@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import TrainerCallback, TrainerState
 
-from conftest import entries, make_trainer
+from conftest import SlowFullModel, entries, make_trainer
 from open_instruct_ckpt import CheckpointCallback, FullModel
 from open_instruct_ckpt._economics import RunEconomics
 from open_instruct_ckpt._manifest import RUN_RECORD_NAME
@@ -20,15 +20,6 @@ from open_instruct_ckpt._stats import SaveStats
 from open_instruct_ckpt.tiny import llama_model
 
 METRICS = ("checkpoint/save_seconds", "checkpoint/blocking_seconds", "checkpoint/bytes", "checkpoint/gb_per_s")
-
-
-@dataclass(frozen=True)
-class SlowFullModel(FullModel):
-    delay: float = 1.5
-
-    def save(self, model, directory, generation_config):
-        time.sleep(self.delay)
-        return super().save(model, directory, generation_config)
 
 
 class SlowSteps(TrainerCallback):

@@ -2,23 +2,11 @@
 a progress bar appears for saves longer than about a second, unless turned off."""
 
 import json
-import time
-from dataclasses import dataclass
 
+from conftest import SlowFullModel
 from open_instruct_ckpt import FullModel
 from open_instruct_ckpt._save import SaveSettings, save
 from open_instruct_ckpt._stats import PHASES, SaveStats, StepClock
-
-
-@dataclass(frozen=True)
-class SlowFullModel(FullModel):
-    """A real FullModel save that first waits, as a slow gather would."""
-
-    delay: float = 1.3
-
-    def save(self, model, directory, generation_config):
-        time.sleep(self.delay)
-        return super().save(model, directory, generation_config)
 
 
 def test_manifest_and_settings_carry_the_save_statistics(tmp_path, tokenizer, llama):
@@ -46,11 +34,11 @@ def test_slow_save_time_is_charged_to_the_write_phase(tmp_path, tokenizer, llama
 
 
 def test_a_bar_for_saves_longer_than_a_second(tmp_path, tokenizer, llama, capsys):
-    save(SaveSettings(SlowFullModel(), tokenizer, None, tmp_path, None, show_progress=True), llama, "step_1", 1, True)
+    save(SaveSettings(SlowFullModel(delay=1.3), tokenizer, None, tmp_path, None, show_progress=True), llama, "step_1", 1, True)
     assert "saving step_1" in capsys.readouterr().err
     save(SaveSettings(FullModel(), tokenizer, None, tmp_path, None, show_progress=True), llama, "step_2", 2, True)
     assert "saving step_2" not in capsys.readouterr().err  # a short save prints nothing
-    save(SaveSettings(SlowFullModel(), tokenizer, None, tmp_path, None, show_progress=False), llama, "step_3", 3, True)
+    save(SaveSettings(SlowFullModel(delay=1.3), tokenizer, None, tmp_path, None, show_progress=False), llama, "step_3", 3, True)
     assert "saving step_3" not in capsys.readouterr().err
 
 
