@@ -46,13 +46,15 @@ def test_random_sigkills_of_a_real_training_run(tmp_path):
     result = launch("random_kills.py", tmp_path, 10, 1234)
     records = result["records"]
     mid_save = sum(r["mid_save"] for r in records)
+    aimed = [r for r in records if r["aimed_inside_a_save"]]
     print(f"random kills: {len(records)} kills, {mid_save} landed mid-save, {result['seconds']} s")
     assert len(records) == 10
     for r in records:
         assert r["problems"] == [] and r["reader_problems"] == [], r
         if r["names"]:
             assert r["latest"] is not None, r
-    assert mid_save >= 3, "the kills should often land inside a save (saves dominate each step)"
+    # a kill aimed at a save may still arrive just after the rename that publishes it, hence one spare
+    assert len(aimed) == 5 and sum(r["mid_save"] for r in aimed) >= 4, "kills aimed at a save missed it"
     assert result["restart"] == "exited 0"
     assert result["after_restart_temporaries"] == [] and result["after_restart_problems"] == []
     assert result["after_restart_latest"] is not None
