@@ -1,0 +1,117 @@
+"""FullModel(writers="all") against writers="main": one whole save (gather, write, hash, seal, publish),
+2 processes on CPU/gloo, under DeepSpeed ZeRO-3 and torch FSDP2, the same sharded model and shard plan.
+
+Run by hand:  python benchmarks/parallel_writers.py [--hidden 1024 --layers 12 --shard 50MB --repeats 3]
+It launches itself under torchrun once per engine; inside, the two writer modes alternate, best of
+--repeats each, with a barrier before every save. Both ranks share this machine's disk and its cores,
+so the ratio here is a lower bound of what separate nodes' disks give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _peak_memory
+import fsdp2_peak_memory
+import zero3_peak_memory
+
+ENGINES = ("zero3", "fsdp2")
+MODES = ("main", "all")
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--shard", default="50MB")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # set when launched under torchrun
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def build(engine: str, hidden: int, layers: int):
+    if engine == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        return zero3_peak_memory.build_partitioned_model(hidden, layers)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    return fsdp2_peak_memory.build_sharded_model(hidden, layers)
+
+
+def worker(opts: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from open_instruct_ckpt import FullModel
+    from open_instruct_ckpt._save import SaveSettings, save
+    from open_instruct_ckpt._shards import plan_shards
+    from open_instruct_ckpt.tiny import llama_tokenizer
+
+    model = build(opts.engine, opts.hidden, opts.layers)
+    is_writer = dist.get_rank() == 0
+    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for repeat in range(-1, opts.repeats):  # repeat -1 warms up both modes and is not counted
+        for mode in MODES:
+            settings = SaveSettings(FullModel(max_shard_size=opts.shard, writers=mode), llama_tokenizer(), None,
+                                    opts.out / opts.engine, keep_last=None)
+            dist.barrier()
+            started = time.perf_counter()
+            save(settings, model, f"step_{repeat + 1}_{mode}", repeat + 1, is_writer)
+            dist.barrier()
+            if repeat >= 0:
+                seconds[mode].append(time.perf_counter() - started)
+    if is_writer:
+        plan = plan_shards(model, opts.shard)
+        result = {"engine": opts.engine, "model_bytes": plan.total_bytes, "files": len(plan.filename_to_names), "seconds": seconds}
+        (opts.out / f"{opts.engine}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def launch(engine: str, opts: argparse.Namespace, out: Path) -> dict:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, "--engine", engine, "--out", str(out),
+        "--hidden", str(opts.hidden), "--layers", str(opts.layers), "--shard", opts.shard,
+        "--repeats", str(opts.repeats),
+    ]
+    extensions = Path(__file__).resolve().parents[1] / ".torch_extensions"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{engine} failed:\n{(done.stdout + done.stderr)[-4000:]}")
+    return json.loads((out / f"{engine}.json").read_text())
+
+
+def main() -> None:
+    opts = parse()
+    if opts.engine:
+        return worker(opts)
+    with tempfile.TemporaryDirectory() as out:
+        results = [launch(engine, opts, Path(out)) for engine in ENGINES]
+    print(f"model: Llama hidden={opts.hidden} layers={opts.layers}, fp32, "
+          f"{results[0]['model_bytes'] / _peak_memory.MB:.0f} MiB in {results[0]['files']} shard files of "
+          f"{opts.shard}; 2 processes, best of {opts.repeats}")
+    print(f"{'engine':<7} {'writers=main':>13} {'writers=all':>12} {'all / main time':>16}")
+    for r in results:
+        main_s, all_s = min(r["seconds"]["main"]), min(r["seconds"]["all"])
+        print(f"{r['engine']:<7} {main_s:>12.2f}s {all_s:>11.2f}s {all_s / main_s:>15.2f}x")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
