@@ -1,4 +1,4 @@
-"""FullModel(writers="all"), 2 processes (ZeRO-3, gloo): each rank writes its share of the shard files, and the
+"""FullModel(writers="all"), 2 processes (ZeRO-3 and FSDP2, gloo): each rank writes its share of the shard files, and the
 checkpoint is byte-identical to the one rank 0 alone writes (writers="main") for the same run."""
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ from launch import deepspeed_op, launched  # noqa: F401 (fixtures)
 from open_instruct_ckpt import verify_checkpoint
 
 pytestmark = pytest.mark.distributed
-ARGS = ("--strategy", "full", "--engine", "zero3", "--max-shard-size", "20000", "--max-steps", "2")
+ARGS = ("--strategy", "full", "--max-shard-size", "20000", "--max-steps", "2")
 
 
 def _files(directory):
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.name != "checkpoint.json"}
 
 
-def test_all_writers_checkpoint_is_byte_identical_to_one_writer(launched):
-    one, every = launched(*ARGS).check(), launched(*ARGS, "--writers", "all").check()
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_all_writers_checkpoint_is_byte_identical_to_one_writer(launched, engine):
+    args = (*ARGS, "--engine", engine)
+    one, every = launched(*args).check(), launched(*args, "--writers", "all").check()
     ours, reference = every.checkpoints / "step_2", one.checkpoints / "step_2"
     assert verify_checkpoint(ours) == []  # every rank's sha256 reached the manifest
     assert _files(ours) == _files(reference) and len([n for n in _files(ours) if n.startswith("model-")]) > 2
