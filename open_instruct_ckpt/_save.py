@@ -26,6 +26,7 @@ from ._dist import any_rank, from_rank_zero, gather_to_all, is_distributed, rais
 from ._errors import CheckpointError, explained
 from ._manifest import FINAL_NAME, FORMAT, describe_files
 from ._readers import read_manifest
+from ._shards import ShardShare
 from ._stats import PhaseTimer, SaveStats
 from .strategies import CheckpointStrategy, WriteReport
 
@@ -127,7 +128,7 @@ def _save_all_writers(
     except Exception as exc:
         error = explained(exc, target)
     _shared_verdict(error, staged)  # every rank can write there: only now the gathers start
-    report, share = WriteReport(), (dist.get_rank(), dist.get_world_size(), is_writer)
+    report, share = WriteReport(), ShardShare(dist.get_rank(), dist.get_world_size(), publisher=is_writer)
     try:
         full_model: Any = settings.strategy  # FullModel, the only strategy with writers='all'
         report = full_model.snapshot(model, directory, staged and staged.generation_config, None, share)()

@@ -80,6 +80,16 @@ def files_of_rank(plan: ShardPlan, rank: int, world_size: int) -> set[str]:
     return {f for i, f in enumerate(plan.filename_to_names) if i % world_size == rank}
 
 
+@dataclass(frozen=True)
+class ShardShare:
+    """writers="all": this rank's part of a save. It writes its `files_of_rank`; the publisher (rank 0)
+    also writes the index and the configs."""
+
+    rank: int
+    world_size: int
+    publisher: bool
+
+
 def saved_bytes(model: nn.Module) -> int:
     """Collective-free: the weight bytes a plan of `model` would hold, without planning (no shard split,
     no name reverting, no module walk); the disk-space check needs only this, the write plans once."""
@@ -169,8 +179,7 @@ class ShardWriter:
     directory: Path
     plan: ShardPlan
     defer: bool = False
-    owned: set[str] | None = None  # writers="all": the files this rank writes (None: every file)
-    write_index: bool = True
+    share: ShardShare | None = None  # writers="all"; None: this writer writes every file and the index
     held_bytes: int = 0
     peak_held_bytes: int = 0
     _file_of: dict[str, str] = field(default_factory=dict)
@@ -181,6 +190,9 @@ class ShardWriter:
     def __post_init__(self) -> None:
         self._file_of = {n: f for f, names in self.plan.filename_to_names.items() for n in names}
         self._pending = {f: {} for f in self.plan.filename_to_names}
+        share = self.share
+        self.owned = files_of_rank(self.plan, share.rank, share.world_size) if share else None  # None: every file
+        self.write_index = share is None or share.publisher
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():

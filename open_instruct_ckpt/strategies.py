@@ -25,7 +25,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from ._gather import for_each_module_state, model_class, own_state, settle, stored_nbytes
-from ._shards import ShardWriter, files_of_rank, plan_shards, saved_bytes
+from ._shards import ShardShare, ShardWriter, plan_shards, saved_bytes
 
 
 @dataclass
@@ -123,7 +123,7 @@ class FullModel:
         return self.snapshot(model, directory, generation_config)()
 
     def snapshot(self, model: nn.Module, directory: Path | None, generation_config: Any, arena: Any = None,
-                 share: tuple[int, int, bool] | None = None) -> Persist:
+                 share: ShardShare | None = None) -> Persist:
         self.check(model)
         settle(model)
         return write_module(model, directory, generation_config, self.max_shard_size, arena, share)
@@ -189,23 +189,20 @@ def _copier(arena: Any) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.T
 
 def write_module(
     module: nn.Module, directory: Path | None, generation_config: GenerationConfig | None, max_shard_size,
-    arena: Any = None, share: tuple[int, int, bool] | None = None,
+    arena: Any = None, share: ShardShare | None = None,
 ) -> Persist:
     """Collective: gather `module`'s weights into shards (as `save_pretrained` lays them out); returns `persist`,
     which writes what is left and the configs. Without an arena, shards are written as they fill (during the
-    gather); with one, every tensor is copied into it and `persist` writes every file. `share` is (rank,
-    world_size, publisher) for writers="all": this rank writes its own files, the publisher also index and configs."""
+    gather); with one, every tensor is copied into it and `persist` writes every file. With `share`
+    (writers="all") this rank writes only its part."""
     plan = plan_shards(module, max_shard_size)
-    writer = ShardWriter(directory, plan, defer=arena is not None) if directory is not None else None
-    if writer is not None and share is not None:
-        writer.owned, writer.write_index = files_of_rank(plan, share[0], share[1]), share[2]
+    writer = ShardWriter(directory, plan, defer=arena is not None, share=share) if directory is not None else None
     copied = _copier(arena)
     consume = (lambda state: writer.add(copied(plan.revert_names(state)))) if writer else None
     for_each_module_state(plan.groups, consume)
     if writer is None:
         return _nothing_to_write
-    publisher = share is None or share[2]  # writes the configs
-    configs = _configs_to_write(module, generation_config) if publisher else []
+    configs = _configs_to_write(module, generation_config) if share is None or share.publisher else []
 
     def persist() -> WriteReport:
         writer.finish()
