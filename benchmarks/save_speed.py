@@ -99,12 +99,14 @@ def train_steps_per_s(model, steps: int, during: threading.Event | None = None) 
     return done / (time.perf_counter() - started)
 
 
-def throughput_while_saving(tokenizer, big, root: Path) -> float:
-    """Row 3: a small model trains while a background save of the big model runs, over training alone."""
+def throughput_while_saving(tokenizer, big, root: Path) -> tuple[float, float]:
+    """Row 3: a small model trains while a background save of the big model runs, over training alone; and the
+    seconds from the save's start to its publish (the background yields CPU to training, so it takes longer)."""
     small = llama_model(tokenizer, hidden=256, layers=2)
     alone = train_steps_per_s(small, 10)
     target = Path(tempfile.mkdtemp(dir=root))
     saver = _async.BackgroundSaver()
+    started = time.perf_counter()
     _save.save(_save.SaveSettings(FullModel(), tokenizer, None, target, keep_last=None), big, "step_1", 1, True,
                background=saver)
     running = threading.Event()
@@ -112,8 +114,9 @@ def throughput_while_saving(tokenizer, big, root: Path) -> float:
     threading.Thread(target=lambda: (saver.wait(), running.clear()), daemon=True).start()
     during = train_steps_per_s(small, 1, running)
     saver.take_verdict()
+    saving_s = time.perf_counter() - started
     shutil.rmtree(target)
-    return during / alone
+    return during / alone, saving_s
 
 
 def callback_cost(tokenizer, root: Path, steps: int = 40) -> tuple[float, float]:
@@ -171,7 +174,7 @@ def main() -> None:
     hf_s = best(lambda t: save_pretrained(model, tokenizer, t), root, r)
     pt_s = best(lambda t: torch_save(model, t), root, r)
     blocked_s, background_s = async_blocked(model, tokenizer, root, r)
-    throughput = throughput_while_saving(tokenizer, model, root)
+    throughput, saving_s = throughput_while_saving(tokenizer, model, root)
     lora_s, byte_ratio = lora_vs_full(tokenizer, model, root, r)
     per_step, step_s = callback_cost(llama_tokenizer(), root)
     shutil.rmtree(root, ignore_errors=True)
@@ -182,7 +185,8 @@ def main() -> None:
     print(f"| 1 | speed vs torch.save ({pt_s:.3f} s) | {pt_s / sync_s:.2f}x | - |")
     print(f"| 2 | async blocked {blocked_s:.3f} s over sync save | {blocked_s / sync_s:.2f}x | <= 0.3x |")
     print(f"| 2 | async: snapshot to published | {background_s:.3f} s | - |")
-    print(f"| 3 | training steps/s while a background save runs, over none | {throughput:.2f}x | >= 0.9x |")
+    print(f"| 3 | training steps/s while a background save runs ({saving_s:.2f} s), over none | {throughput:.2f}x "
+          "| >= 0.9x |")
     print(f"| 4 | LoRAAdapter save {lora_s:.3f} s over FullModel; bytes ratio {byte_ratio:.4f} | {lora_s / sync_s:.3f}x | - |")
     print(f"| 5 | callback on_step_end without a save: {per_step * 1e6:.0f} us of a {step_s * 1e3:.0f} ms step "
           f"| {per_step / step_s * 100:.3f}% | < 1% |")

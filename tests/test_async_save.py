@@ -5,7 +5,9 @@ write itself stays real): a test can then change the weights, or signal, while a
 """
 
 import errno
+import os
 import signal
+import sys
 import threading
 
 import pytest
@@ -149,3 +151,24 @@ def test_uploads_are_queued_after_the_background_publish(tmp_path, tokenizer, ll
     trainer.train()
     assert entries(remote) == {"step_2", "step_4", "final"}
     assert all(verify_checkpoint(remote / name) == [] for name in ("step_2", "step_4", "final"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux behaviour")
+def test_background_writer_and_its_hasher_yield_cpu_to_training(tmp_path, tokenizer, llama, monkeypatch):
+    """The persist thread (and the sha256 thread it starts) run at a lower CPU priority; training's is unchanged."""
+    real_write, real_hash, seen = _safetensors.write, _safetensors._hash_until_done, {}
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    monkeypatch.setattr(_safetensors, "write", lambda *a, **k: (seen.setdefault("writer", niceness()), real_write(*a, **k))[1])
+    monkeypatch.setattr(_safetensors, "_hash_until_done",
+                        lambda *a: (seen.setdefault("hasher", niceness()), real_hash(*a))[1])
+    training = niceness()
+    trainer = make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), async_save=True), max_steps=2,
+                           save_steps=2)
+    trainer.train()
+    expected = min(19, training + _async.BACKGROUND_NICENESS)
+    assert seen == {"writer": expected, "hasher": expected} and expected > training
+    assert niceness() == training
+    assert verify_checkpoint(tmp_path / "step_2") == []
