@@ -9,7 +9,8 @@ here asserts a target: it prints, and `benchmarks/README.md` keeps the latest ta
 Rows (issue 10, section 4): 1 sync FullModel vs raw write / save_pretrained / torch.save;
 2 async blocked time over the sync save; 3 training throughput while a background save runs;
 4 LoRAAdapter vs FullModel save time next to their byte ratio; 5 callback cost on steps without a save.
-Row 6 (2-process ZeRO-3/FSDP2 writer memory) is `zero3_peak_memory.py` / `fsdp2_peak_memory.py`.
+Row 6 (2-process ZeRO-3/FSDP2 writer memory, writers='all' vs 'main') is `zero3_peak_memory.py`,
+`fsdp2_peak_memory.py` and `parallel_writers.py`.
 """
 
 from __future__ import annotations
