@@ -1,8 +1,16 @@
-"""Preemption signals: the handler only sets a flag; ranks agree on it at a step boundary."""
+"""Preemption signals: the handler only sets a flag; ranks agree on it at a step boundary.
+
+TrainerCallback has no hook for a train() that raises, so the handlers outlive such a run until the
+next run, close() or garbage collection. Meanwhile a signal must keep its old meaning: the handler
+looks for the Trainer's training loop on the interrupted stack, and where that loop is gone it gives
+the signals back and delivers this one again (by default SIGTERM then ends the process).
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +20,7 @@ from ._dist import any_rank
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
 _installed: PreemptionWatch | None = None  # at most one watch holds the process's handlers
+_TRAINING_LOOP = "_inner_training_loop"  # Trainer's (and its subclasses') loop that calls every step hook
 
 
 def parse_signals(signals: Any) -> tuple[signal.Signals, ...]:
@@ -51,6 +60,8 @@ class PreemptionWatch:
         self.signals = parse_signals(signals)
         self.requested = False
         self._previous: dict[int, Any] = {}
+        self._loop: tuple[int, Any] | None = None  # (id, code) of the training loop's frame, when under a Trainer
+        self._pid = os.getpid()
 
     def install(self) -> None:
         """Take over the signals, first giving back those a run that died by an exception kept."""
@@ -60,6 +71,7 @@ class PreemptionWatch:
         if _installed is not None:
             _installed.uninstall()
         self.requested = False
+        self._loop, self._pid = _training_loop(sys._getframe(1)), os.getpid()
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
         _installed = self
@@ -74,7 +86,12 @@ class PreemptionWatch:
         if _installed is self:
             _installed = None
 
-    def _on_signal(self, signum: int, frame: object) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # DataLoader workers (forked, other pids) inherit this handler and must outlive the signal: flag only.
+        if self._loop is not None and os.getpid() == self._pid and _training_loop(frame) != self._loop:
+            self.uninstall()  # train() raised past the callback: the run is over
+            signal.raise_signal(signum)
+            return
         self.requested = True
 
     def agreed(self) -> bool:
@@ -82,3 +99,12 @@ class PreemptionWatch:
         if not self.signals:
             return False
         return any_rank(self.requested)
+
+
+def _training_loop(frame: Any) -> tuple[int, Any] | None:
+    """(id, code) of the innermost Trainer training-loop frame on `frame`'s stack, or None."""
+    while frame is not None:
+        if frame.f_code.co_name == _TRAINING_LOOP:
+            return id(frame), frame.f_code
+        frame = frame.f_back
+    return None

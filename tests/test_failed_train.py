@@ -68,3 +68,50 @@ def test_close_gives_everything_back(tmp_path, tokenizer, llama):
     callback.close()
     assert signal.getsignal(signal.SIGTERM) == before
     assert lock_is_free(tmp_path)
+
+
+def test_after_a_failed_run_a_signal_reaches_the_handler_from_before_train(tmp_path, tokenizer, llama):
+    received = []
+
+    def application_handler(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, application_handler)
+    try:
+        first = interrupted_run(tmp_path, tokenizer, llama)
+        assert signal.getsignal(signal.SIGTERM) is not application_handler  # still ours: no hook told the callback
+        signal.raise_signal(signal.SIGTERM)
+        assert received == [signal.SIGTERM]  # not swallowed as a preemption request
+        assert signal.getsignal(signal.SIGTERM) is application_handler and first.state.global_step == 3
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+FAILED_RUN_THEN_SIGTERM = """
+import os, signal, sys, time
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from open_instruct_ckpt import CheckpointCallback, FullModel
+from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
+
+class Fail(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        raise RuntimeError("another callback failed")
+
+tokenizer = llama_tokenizer()
+trainer = Trainer(model=llama_model(tokenizer), processing_class=tokenizer, callbacks=[CheckpointCallback(FullModel()), Fail()],
+                  train_dataset=TinyTextDataset(len(tokenizer)), args=TrainingArguments(
+                      sys.argv[1], max_steps=4, save_steps=2, use_cpu=True, report_to=[], disable_tqdm=True))
+try:
+    trainer.train()
+except RuntimeError:
+    pass
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(30)
+print("SIGTERM was swallowed")
+"""
+
+
+def test_after_a_failed_run_sigterm_ends_the_process_again(tmp_path):
+    done = subprocess.run([sys.executable, "-c", FAILED_RUN_THEN_SIGTERM, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr[-2000:]
