@@ -48,7 +48,9 @@ class RunLock:
             os.close(fd)
             raise RunLockHeld(
                 f"output_dir {self.path.parent} is in use by another run (pid {owner}); two runs must not "
-                "share an output_dir: stop the other run or choose a different output_dir"
+                "share an output_dir: stop the other run or choose a different output_dir (a process idle after a "
+                "train() that raised, such as an interrupted notebook, keeps the lock until it calls close() on its "
+                "CheckpointCallback, starts its next run or exits)"
             ) from None
         _record_pid(fd)
         _held[self._key] = _Held(fd, self)

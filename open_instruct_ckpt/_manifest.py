@@ -2,13 +2,17 @@
 
 A directory is a checkpoint only if its manifest is valid and lists files that exist with the
 recorded sizes. The manifest is written last, so anything without one is incomplete.
-`_readers.py` reads manifests; this module only names things and describes files.
+`_readers.py` reads manifests; this module names things and gives the writer the fields and file
+entries to write.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ INDEX_NAME = "model.safetensors.index.json"
 RUN_RECORD_NAME = ".open_instruct_ckpt.run.json"  # the run's save statistics and advice, beside its checkpoints
 RUN_RECORD_FORMAT = "open_instruct_ckpt-run/1"
 _CHUNK = 16 * 1024 * 1024
+_VERSIONED = ("open_instruct_ckpt", "torch", "transformers", "safetensors", "peft", "deepspeed", "accelerate")
 
 
 def step_name(step: int) -> str:
@@ -39,6 +44,39 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def manifest_fields(name: str, step: int, strategy: str, run_id: str, run_started_unix: float) -> dict[str, Any]:
+    """Writer-side: everything a manifest records but its `files` and `stats`."""
+    return {
+        "format": FORMAT,
+        "name": name,
+        "step": step,
+        "strategy": strategy,
+        "run_id": run_id,
+        "run_started_unix": run_started_unix,
+        "versions": _versions(),
+        "created_unix": time.time(),
+    }
+
+
+@functools.lru_cache(maxsize=None)  # reading package metadata costs ~25 ms a save; it cannot change mid-run
+def _installed_versions(deepspeed_loaded: bool) -> tuple[tuple[str, str], ...]:
+    from importlib import metadata  # ~45 ms of imports the command line does not need
+
+    versions = {}
+    for package in _VERSIONED:
+        if package == "deepspeed" and not deepspeed_loaded:
+            continue
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return tuple(versions.items())
+
+
+def _versions() -> dict[str, str]:
+    return dict(_installed_versions("deepspeed" in sys.modules))
 
 
 def describe_files(directory: Path, known_sha256: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:

@@ -8,14 +8,11 @@ retention, leftovers of earlier clean-ups) only warns.
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ from torch import nn
 from . import _generation_config, _io, _progress
 from ._dist import any_rank, from_rank_zero, gather_to_all, is_distributed, raise_on_all_ranks
 from ._errors import CheckpointError, explained
-from ._manifest import FINAL_NAME, FORMAT, describe_files
+from ._manifest import FINAL_NAME, describe_files, manifest_fields
 from ._readers import read_manifest
 from ._shards import ShardShare
 from ._stats import PhaseTimer, SaveStats
@@ -34,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 # Beyond the measured tokenizer and configs: safetensors headers, the manifest, PEFT's README.
 _SMALL_FILES_MARGIN = 256 * 1024
-_VERSIONED = ("open_instruct_ckpt", "torch", "transformers", "safetensors", "peft", "deepspeed", "accelerate")
 
 
 @dataclass
@@ -233,7 +229,8 @@ def _seal_and_publish(
     files = describe_files(staged.directory, report.sha256)
     timer.lap("write")
     stats = SaveStats(name, step, sum(e["bytes"] for e in files.values()), report.peak_held_bytes, dict(timer.seconds))
-    _io.seal(staged.directory, {**_manifest(settings, name, step), "stats": stats.in_manifest()}, files=files)
+    fields = manifest_fields(name, step, repr(settings.strategy), settings.run.id, settings.run.started_unix)
+    _io.seal(staged.directory, {**fields, "stats": stats.in_manifest()}, files=files)
     timer.lap("seal")
     return _io.publish(staged.directory, settings.output_dir, name), stats
 
@@ -333,35 +330,3 @@ def measure_small_files(settings: SaveSettings, model: nn.Module) -> int:
         _generation_config.build(settings.generation_config, module, settings.tokenizer).save_pretrained(scratch)
         measured = sum(p.stat().st_size for p in Path(scratch).rglob("*") if p.is_file())
     return measured + _SMALL_FILES_MARGIN
-
-
-# -- the manifest --------------------------------------------------------------
-
-def _manifest(settings: SaveSettings, name: str, step: int) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "name": name,
-        "step": step,
-        "strategy": repr(settings.strategy),
-        "run_id": settings.run.id,
-        "run_started_unix": settings.run.started_unix,
-        "versions": _versions(),
-        "created_unix": time.time(),
-    }
-
-
-@functools.lru_cache(maxsize=None)  # reading package metadata costs ~25 ms a save; it cannot change mid-run
-def _installed_versions(deepspeed_loaded: bool) -> tuple[tuple[str, str], ...]:
-    versions = {}
-    for package in _VERSIONED:
-        if package == "deepspeed" and not deepspeed_loaded:
-            continue
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return tuple(versions.items())
-
-
-def _versions() -> dict[str, str]:
-    return dict(_installed_versions("deepspeed" in sys.modules))

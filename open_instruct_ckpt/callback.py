@@ -12,9 +12,8 @@ from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import SaveStrategy
 
-from . import _async, _gather, _generation_config, _logging, _metrics, _policy, _run, _save, _upload
+from . import _arguments, _async, _gather, _generation_config, _logging, _metrics, _policy, _run, _save, _upload
 from ._dist import any_rank, raise_on_all_ranks
 from ._economics import RunEconomics
 from ._lock import RunLock
@@ -23,8 +22,6 @@ from ._preemption import DEFAULT_SIGNALS, PreemptionWatch
 from .strategies import CheckpointStrategy
 
 logger = logging.getLogger(__name__)
-
-_FROM_ARGS = "save_total_limit"
 
 
 class _Held:
@@ -88,7 +85,7 @@ class CheckpointCallback(TrainerCallback):
         generation_config: _generation_config.GenerationConfigSpec = None,
         output_dir: str | Path | None = None,
         trainer_checkpoints: bool | None = None,
-        keep_last: int | None | str = _FROM_ARGS,
+        keep_last: int | None | str = _arguments.KEEP_LAST_FROM_ARGS,
         preemption_signals: Sequence[Any] = DEFAULT_SIGNALS,
         existing_checkpoints: str = "error",
         upload_to: str | Path | None = None,
@@ -102,7 +99,7 @@ class CheckpointCallback(TrainerCallback):
     ) -> None:
         if not isinstance(async_save, bool):
             raise TypeError(f"async_save={async_save!r} must be True or False")
-        _check_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints)
+        _arguments.check_callback_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints)
         _policy.check_arguments(save_interval, max_save_interval, mtbf_hours, failure_probability)
         _generation_config.check_spec(generation_config)
         self.strategy = strategy
@@ -163,17 +160,17 @@ class CheckpointCallback(TrainerCallback):
 
     def _set_up(self, args: TrainingArguments, model: nn.Module | None, processing_class: Any) -> None:
         _logging.follow_trainer(args)
-        _check_training_arguments(args, self.keeps_trainer_checkpoints(args), self._held.watch.signals)
+        _arguments.check_training_arguments(args, self.keeps_trainer_checkpoints(args), self._held.watch.signals)
         _policy.check_training_arguments(self._save_interval, args)
-        tokenizer = _resolve_tokenizer(self._tokenizer, processing_class)
+        tokenizer = _arguments.resolve_tokenizer(self._tokenizer, processing_class)
         if model is None:
             raise ValueError("CheckpointCallback needs the model: use it through transformers.Trainer")
         _gather.check_engine(model)
         self.strategy.check(model)
         _generation_config.build(self._generation_config, self.strategy.saved_module(model), tokenizer)
-        keep_last = args.save_total_limit if self._keep_last == _FROM_ARGS else self._keep_last
-        source = "TrainingArguments.save_total_limit" if self._keep_last == _FROM_ARGS else "keep_last"
-        keep_last = _check_keep_last(keep_last, source)
+        from_args = self._keep_last == _arguments.KEEP_LAST_FROM_ARGS
+        keep_last = _arguments.check_keep_last(args.save_total_limit if from_args else self._keep_last,
+                                               "TrainingArguments.save_total_limit" if from_args else "keep_last")
         output_dir = self._output_dir or Path(args.output_dir or "trainer_output")  # the Trainer's own default
         if output_dir.is_file():
             raise ValueError(f"output_dir {output_dir} is a file; pass a directory path as output_dir")
@@ -309,61 +306,3 @@ class CheckpointCallback(TrainerCallback):
         if self.keeps_trainer_checkpoints(args):
             for message in _gather.trainer_checkpoint_warnings(args):
                 logger.warning(message)
-
-
-def _check_arguments(strategy: Any, output_dir: Any, trainer_checkpoints: Any, keep_last: Any, existing: Any) -> None:
-    if isinstance(strategy, type):
-        raise TypeError(f"CheckpointCallback got the class {strategy.__name__}; pass an instance: {strategy.__name__}()")
-    if not isinstance(strategy, CheckpointStrategy):
-        raise TypeError(
-            f"CheckpointCallback strategy={strategy!r} is not a save strategy; pass FullModel(), "
-            "LoRAAdapter() or ModelAttribute('<name>')"
-        )
-    if output_dir is not None and not isinstance(output_dir, (str, Path)):
-        raise TypeError(f"output_dir={output_dir!r} must be a str or pathlib.Path")
-    if trainer_checkpoints not in (None, True, False):
-        raise TypeError(f"trainer_checkpoints={trainer_checkpoints!r} must be None (automatic), True or False")
-    if keep_last != _FROM_ARGS:
-        _check_keep_last(keep_last, "keep_last")
-    if existing not in _run.EXISTING_POLICIES:
-        raise ValueError(f"existing_checkpoints={existing!r} must be one of {_run.EXISTING_POLICIES}")
-
-
-def _check_keep_last(keep_last: Any, source: str) -> int | None:
-    if keep_last is None:
-        return None
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int):
-        raise TypeError(f"{source}={keep_last!r} must be an int (at least 1), or None to keep every checkpoint")
-    if keep_last < 1:
-        raise ValueError(f"{source}={keep_last!r}: keep at least 1 checkpoint, or None to keep them all")
-    return keep_last
-
-
-def _check_training_arguments(args: TrainingArguments, keeps_trainer: bool, signals: tuple) -> None:
-    if args.save_strategy == SaveStrategy.BEST:
-        raise ValueError(
-            "save_strategy='best' is decided after evaluation, after this callback runs; use "
-            "save_strategy='steps' or 'epoch' (the Trainer's load_best_model_at_end still picks the best)"
-        )
-    if args.load_best_model_at_end and not keeps_trainer:
-        raise ValueError(
-            "load_best_model_at_end=True needs the Trainer's own checkpoints, which this callback turns off "
-            "(save_only_model=True or trainer_checkpoints=False); pass trainer_checkpoints=True"
-        )
-    if getattr(args, "enable_jit_checkpoint", False) and signals:
-        raise ValueError(
-            "enable_jit_checkpoint=True installs the Trainer's own SIGTERM handler, which would fight this "
-            "callback's preemption handler; set enable_jit_checkpoint=False or pass preemption_signals=()"
-        )
-
-
-def _resolve_tokenizer(tokenizer: Any, processing_class: Any) -> Any:
-    chosen = tokenizer if tokenizer is not None else getattr(processing_class, "tokenizer", processing_class)
-    if chosen is None:
-        raise ValueError(
-            "CheckpointCallback needs a tokenizer to save beside the weights: pass "
-            "Trainer(processing_class=tokenizer) or CheckpointCallback(..., tokenizer=tokenizer)"
-        )
-    if not hasattr(chosen, "save_pretrained"):
-        raise TypeError(f"tokenizer {type(chosen).__name__} has no save_pretrained; pass a transformers tokenizer")
-    return chosen

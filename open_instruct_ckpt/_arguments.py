@@ -1,0 +1,73 @@
+"""CheckpointCallback's argument checks: its own arguments at construction, the Trainer's arguments and
+the tokenizer when the Trainer is built; every one before the lock is taken or a handler installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainingArguments
+from transformers.trainer_utils import SaveStrategy
+
+from . import _run
+from .strategies import CheckpointStrategy
+
+KEEP_LAST_FROM_ARGS = "save_total_limit"  # keep_last's default: TrainingArguments.save_total_limit
+
+
+def check_callback_arguments(strategy: Any, output_dir: Any, trainer_checkpoints: Any, keep_last: Any, existing: Any) -> None:
+    if isinstance(strategy, type):
+        raise TypeError(f"CheckpointCallback got the class {strategy.__name__}; pass an instance: {strategy.__name__}()")
+    if not isinstance(strategy, CheckpointStrategy):
+        raise TypeError(
+            f"CheckpointCallback strategy={strategy!r} is not a save strategy; pass FullModel(), "
+            "LoRAAdapter() or ModelAttribute('<name>')"
+        )
+    if output_dir is not None and not isinstance(output_dir, (str, Path)):
+        raise TypeError(f"output_dir={output_dir!r} must be a str or pathlib.Path")
+    if trainer_checkpoints not in (None, True, False):
+        raise TypeError(f"trainer_checkpoints={trainer_checkpoints!r} must be None (automatic), True or False")
+    if keep_last != KEEP_LAST_FROM_ARGS:
+        check_keep_last(keep_last, "keep_last")
+    if existing not in _run.EXISTING_POLICIES:
+        raise ValueError(f"existing_checkpoints={existing!r} must be one of {_run.EXISTING_POLICIES}")
+
+
+def check_keep_last(keep_last: Any, source: str) -> int | None:
+    if keep_last is None:
+        return None
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int):
+        raise TypeError(f"{source}={keep_last!r} must be an int (at least 1), or None to keep every checkpoint")
+    if keep_last < 1:
+        raise ValueError(f"{source}={keep_last!r}: keep at least 1 checkpoint, or None to keep them all")
+    return keep_last
+
+
+def check_training_arguments(args: TrainingArguments, keeps_trainer: bool, signals: tuple) -> None:
+    if args.save_strategy == SaveStrategy.BEST:
+        raise ValueError(
+            "save_strategy='best' is decided after evaluation, after this callback runs; use "
+            "save_strategy='steps' or 'epoch' (the Trainer's load_best_model_at_end still picks the best)"
+        )
+    if args.load_best_model_at_end and not keeps_trainer:
+        raise ValueError(
+            "load_best_model_at_end=True needs the Trainer's own checkpoints, which this callback turns off "
+            "(save_only_model=True or trainer_checkpoints=False); pass trainer_checkpoints=True"
+        )
+    if getattr(args, "enable_jit_checkpoint", False) and signals:
+        raise ValueError(
+            "enable_jit_checkpoint=True installs the Trainer's own SIGTERM handler, which would fight this "
+            "callback's preemption handler; set enable_jit_checkpoint=False or pass preemption_signals=()"
+        )
+
+
+def resolve_tokenizer(tokenizer: Any, processing_class: Any) -> Any:
+    chosen = tokenizer if tokenizer is not None else getattr(processing_class, "tokenizer", processing_class)
+    if chosen is None:
+        raise ValueError(
+            "CheckpointCallback needs a tokenizer to save beside the weights: pass "
+            "Trainer(processing_class=tokenizer) or CheckpointCallback(..., tokenizer=tokenizer)"
+        )
+    if not hasattr(chosen, "save_pretrained"):
+        raise TypeError(f"tokenizer {type(chosen).__name__} has no save_pretrained; pass a transformers tokenizer")
+    return chosen
