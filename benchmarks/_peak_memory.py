@@ -79,19 +79,23 @@ def measure(opts: argparse.Namespace, model, compare: Callable[[object, Path | N
     dist.destroy_process_group()
 
 
-def launch(script: str, mode: str, opts: argparse.Namespace, out: Path, env: dict[str, str]) -> dict:
+def launch_two(script: str, flags: list[str], result: Path, env: dict[str, str]) -> dict:
+    """Run `script flags...` as 2 torchrun processes on a free local port; return the JSON it wrote to `result`."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(port), script, "--mode", mode, "--out", str(out),
-        "--hidden", str(opts.hidden), "--layers", str(opts.layers), "--shard", opts.shard,
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port), script, *flags]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    return json.loads((out / f"{mode}.json").read_text())
+        raise SystemExit(f"{' '.join(flags)} failed:\n{(done.stdout + done.stderr)[-4000:]}")
+    return json.loads(result.read_text())
+
+
+def launch(script: str, mode: str, opts: argparse.Namespace, out: Path, env: dict[str, str]) -> dict:
+    flags = ["--mode", mode, "--out", str(out), "--hidden", str(opts.hidden), "--layers", str(opts.layers),
+             "--shard", opts.shard]
+    return launch_two(script, flags, out / f"{mode}.json", env)
 
 
 def run_all(script: str, modes: tuple[str, ...], opts: argparse.Namespace, env: dict[str, str]) -> None:

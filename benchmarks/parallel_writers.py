@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,21 +76,11 @@ def worker(opts: argparse.Namespace) -> None:
 
 
 def launch(engine: str, opts: argparse.Namespace, out: Path) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, "--engine", engine, "--out", str(out),
-        "--hidden", str(opts.hidden), "--layers", str(opts.layers), "--shard", opts.shard,
-        "--repeats", str(opts.repeats),
-    ]
+    flags = ["--engine", engine, "--out", str(out), "--hidden", str(opts.hidden), "--layers", str(opts.layers),
+             "--shard", opts.shard, "--repeats", str(opts.repeats)]
     extensions = Path(__file__).resolve().parents[1] / ".torch_extensions"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{engine} failed:\n{(done.stdout + done.stderr)[-4000:]}")
-    return json.loads((out / f"{engine}.json").read_text())
+    env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions)}
+    return _peak_memory.launch_two(__file__, flags, out / f"{engine}.json", env)
 
 
 def main() -> None:
