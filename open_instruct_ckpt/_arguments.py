@@ -15,7 +15,11 @@ from .strategies import CheckpointStrategy
 KEEP_LAST_FROM_ARGS = "save_total_limit"  # keep_last's default: TrainingArguments.save_total_limit
 
 
-def check_callback_arguments(strategy: Any, output_dir: Any, trainer_checkpoints: Any, keep_last: Any, existing: Any) -> None:
+def check_callback_arguments(
+    strategy: Any, output_dir: Any, trainer_checkpoints: Any, keep_last: Any, existing: Any, async_save: Any
+) -> None:
+    if not isinstance(async_save, bool):
+        raise TypeError(f"async_save={async_save!r} must be True or False")
     if isinstance(strategy, type):
         raise TypeError(f"CheckpointCallback got the class {strategy.__name__}; pass an instance: {strategy.__name__}()")
     if not isinstance(strategy, CheckpointStrategy):

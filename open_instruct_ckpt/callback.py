@@ -97,9 +97,8 @@ class CheckpointCallback(TrainerCallback):
         max_save_interval: int | None = None,
         async_save: bool = False,
     ) -> None:
-        if not isinstance(async_save, bool):
-            raise TypeError(f"async_save={async_save!r} must be True or False")
-        _arguments.check_callback_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints)
+        _arguments.check_callback_arguments(strategy, output_dir, trainer_checkpoints, keep_last, existing_checkpoints,
+                                            async_save)
         _policy.check_arguments(save_interval, max_save_interval, mtbf_hours, failure_probability)
         _generation_config.check_spec(generation_config)
         self.strategy = strategy
