@@ -3,6 +3,8 @@ the tokenizer when the Trainer is built; every one before the lock is taken or a
 
 from __future__ import annotations
 
+import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,14 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
 from . import _run
+from ._dist import is_distributed
 from .strategies import CheckpointStrategy
 
 KEEP_LAST_FROM_ARGS = "save_total_limit"  # keep_last's default: TrainingArguments.save_total_limit
+
+# real output_dir -> (the Trainer's TrainerControl, the CheckpointCallback writing there); weak: a finished
+# Trainer's claim lapses with it
+_WRITING: dict[str, tuple[weakref.ref, weakref.ref]] = {}
 
 
 def check_callback_arguments(
@@ -75,3 +82,45 @@ def resolve_tokenizer(tokenizer: Any, processing_class: Any) -> Any:
     if not hasattr(chosen, "save_pretrained"):
         raise TypeError(f"tokenizer {type(chosen).__name__} has no save_pretrained; pass a transformers tokenizer")
     return chosen
+
+
+def check_one_callback_per_output_dir(output_dir: Path, control: Any, callback: Any) -> None:
+    """Two CheckpointCallbacks of one Trainer must not share an output_dir: their step_N and final/ would replace
+    each other's and one retention would prune both. Local; the same on every rank."""
+    key = os.path.realpath(output_dir)
+    held = _WRITING.get(key)
+    other = held[1]() if held is not None else None
+    if held is not None and other is not None and other is not callback and held[0]() is control:
+        raise ValueError(
+            f"two CheckpointCallbacks of this Trainer write into output_dir {output_dir} ({other.strategy!r} and "
+            f"{callback.strategy!r}); their checkpoints would replace each other's: give each its own directory, "
+            "e.g. CheckpointCallback(ModelAttribute('policy'), output_dir='out/policy')"
+        )
+    _WRITING[key] = (weakref.ref(control), weakref.ref(callback))
+
+
+def check_world_size(args: TrainingArguments) -> None:
+    """TrainingArguments and torch.distributed must agree on the ranks, or every rank believes it is the writer."""
+    ranks = _launched_ranks()
+    if ranks is None or ranks == args.world_size:
+        return
+    raise ValueError(
+        f"TrainingArguments sees world_size={args.world_size} (should_save={args.should_save} on this rank) but the "
+        f"job runs {ranks} ranks (torch.distributed / WORLD_SIZE): accelerate did not set up the distributed state, "
+        "which happens on a machine without an accelerator (the FSDP or DeepSpeed path of `accelerate launch` then "
+        "falls back to one process per rank). On CPU, create the state first: PartialState(backend='gloo') and "
+        "TrainingArguments(..., use_cpu=True, accelerator_config={'use_configured_state': True}) (README: FSDP2, "
+        "CPU recipe); on GPUs, check the launcher's num_processes"
+    )
+
+
+def _launched_ranks() -> int | None:
+    if is_distributed():
+        import torch.distributed as dist
+
+        return dist.get_world_size()
+    try:
+        ranks = int(os.environ.get("WORLD_SIZE", ""))
+    except ValueError:
+        return None
+    return ranks if ranks > 1 else None

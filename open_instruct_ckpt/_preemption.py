@@ -19,8 +19,12 @@ from ._dist import any_rank
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
-_installed: PreemptionWatch | None = None  # at most one watch holds the process's handlers
 _TRAINING_LOOP = "_inner_training_loop"  # Trainer's (and its subclasses') loop that calls every step hook
+
+# Every watch of a running train() (several CheckpointCallbacks in one Trainer each have one): one process-wide
+# handler per signal flags them all; the handlers from before the first watch are given back after the last.
+_active: list[PreemptionWatch] = []
+_previous: dict[int, Any] = {}
 
 
 def parse_signals(signals: Any) -> tuple[signal.Signals, ...]:
@@ -59,46 +63,55 @@ class PreemptionWatch:
     def __init__(self, signals: Sequence[Any]) -> None:
         self.signals = parse_signals(signals)
         self.requested = False
-        self._previous: dict[int, Any] = {}
         self._loop: tuple[int, Any] | None = None  # (id, code) of the training loop's frame, when under a Trainer
         self._pid = os.getpid()
 
     def install(self) -> None:
-        """Take over the signals, first giving back those a run that died by an exception kept."""
-        global _installed
+        """Watch the signals for this run, first giving back the watches of runs that died by an exception."""
         if not self.signals or threading.current_thread() is not threading.main_thread():
             return
-        if _installed is not None:
-            _installed.uninstall()
-        self.requested = False
         self._loop, self._pid = _training_loop(sys._getframe(1)), os.getpid()
+        for stale in [watch for watch in _active if watch is self or watch._loop != self._loop]:
+            stale.uninstall()
+        self.requested = False
+        _active.append(self)
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
-        _installed = self
+            if sig not in _previous:
+                _previous[sig] = signal.signal(sig, _dispatch)
 
     def uninstall(self) -> None:
-        global _installed
-        if self._previous and threading.current_thread() is not threading.main_thread():
-            return  # only the main thread may set handlers (a garbage collection can run anywhere)
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-        if _installed is self:
-            _installed = None
+        if self in _active:
+            _active.remove(self)
+        if threading.current_thread() is threading.main_thread():  # a garbage collection can run anywhere
+            for sig in [sig for sig in _previous if not any(sig in watch.signals for watch in _active)]:
+                signal.signal(sig, _previous.pop(sig))
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        # DataLoader workers (forked, other pids) inherit this handler and must outlive the signal: flag only.
-        if self._loop is not None and os.getpid() == self._pid and _training_loop(frame) != self._loop:
-            self.uninstall()  # train() raised past the callback: the run is over
-            signal.raise_signal(signum)
-            return
-        self.requested = True
+    def _trains(self, frame: Any) -> bool:
+        """Whether the run this watch belongs to is still training where the signal interrupted."""
+        # DataLoader workers (forked, other pids) inherit the handler and must outlive the signal: they only flag.
+        return self._loop is None or os.getpid() != self._pid or _training_loop(frame) == self._loop
 
     def agreed(self) -> bool:
         """Collective (when signals are watched): True on every rank if any rank was signalled."""
         if not self.signals:
             return False
         return any_rank(self.requested)
+
+
+def _dispatch(signum: int, frame: Any) -> None:
+    """The process's handler: flag every watch of a run that is training; where none is (train() raised past
+    its callbacks), give the signal back and deliver it again (by default SIGTERM then ends the process)."""
+    watching = [watch for watch in _active if signum in watch.signals]
+    training = [watch for watch in watching if watch._trains(frame)]
+    for watch in training:
+        watch.requested = True
+    if training:
+        return
+    for watch in watching:
+        watch.uninstall()
+    if signum in _previous:  # a watch given back from another thread left this handler installed
+        signal.signal(signum, _previous.pop(signum))
+    signal.raise_signal(signum)
 
 
 def _training_loop(frame: Any) -> tuple[int, Any] | None:

@@ -128,7 +128,7 @@ class CheckpointCallback(TrainerCallback):
     # -- set-up -------------------------------------------------------------------------------
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        self._set_up(args, kwargs.get("model"), kwargs.get("processing_class"))
+        self._set_up(args, control, kwargs.get("model"), kwargs.get("processing_class"))
         if args.should_save:
             logger.info(self._trainer_checkpoint_reason(args))
             self._warn_if_trainer_gathers(args)
@@ -136,7 +136,7 @@ class CheckpointCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self.close()
         model: Any = kwargs.get("model")
-        self._set_up(args, model, kwargs.get("processing_class"))  # every check before the lock is taken
+        self._set_up(args, control, model, kwargs.get("processing_class"))  # every check before the lock is taken
         self._last_saved, self.preempted, self._save_in_flight = None, False, False
         error = None
         if args.should_save:
@@ -157,8 +157,10 @@ class CheckpointCallback(TrainerCallback):
         self._economics.start(self._settings.output_dir, self._settings.keep_last, facts)
         self._log.attach(_metrics.calling_trainer())
 
-    def _set_up(self, args: TrainingArguments, model: nn.Module | None, processing_class: Any) -> None:
+    def _set_up(self, args: TrainingArguments, control: TrainerControl, model: nn.Module | None,
+                processing_class: Any) -> None:
         _logging.follow_trainer(args)
+        _arguments.check_world_size(args)
         _arguments.check_training_arguments(args, self.keeps_trainer_checkpoints(args), self._held.watch.signals)
         _policy.check_training_arguments(self._save_interval, args)
         tokenizer = _arguments.resolve_tokenizer(self._tokenizer, processing_class)
@@ -173,6 +175,7 @@ class CheckpointCallback(TrainerCallback):
         output_dir = self._output_dir or Path(args.output_dir or "trainer_output")  # the Trainer's own default
         if output_dir.is_file():
             raise ValueError(f"output_dir {output_dir} is a file; pass a directory path as output_dir")
+        _arguments.check_one_callback_per_output_dir(output_dir, control, self)
         self._settings = _save.SaveSettings(self.strategy, tokenizer, self._generation_config, output_dir, keep_last,
                                             show_progress=not args.disable_tqdm)
 
@@ -182,7 +185,7 @@ class CheckpointCallback(TrainerCallback):
         self._economics.clock.step_end()
         if self._save_in_flight:  # the only collective on a step without a save, and only while one runs
             self._take_verdict(args, state, control, wait=False)
-        decision = self._policy.at_step_end(state, control)
+        decision = self._policy.at_step_end(args, state, control)
         if decision.stop:
             return self._save_for_preemption(args, state, control, kwargs["model"])
         if decision.save:
@@ -192,7 +195,7 @@ class CheckpointCallback(TrainerCallback):
         return control
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self._policy.at_epoch_end(state, control).save and not self._saved_at(state.global_step):
+        if self._policy.at_epoch_end(args, state, control).save and not self._saved_at(state.global_step):
             self._save_step(args, state, control, kwargs["model"])
         return control
 
@@ -204,10 +207,17 @@ class CheckpointCallback(TrainerCallback):
             if self._held.uploader is not None:
                 self._held.uploader.finish()
             if args.should_save:
-                self._economics.finish(state.max_steps, self._policy.schedule.current_interval(args, state))
+                self._finish_economics(args, state)
         finally:
             self.close()
         return control
+
+    def _finish_economics(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Writer, at train end, after every checkpoint was published: advice and the run record only warn."""
+        try:
+            self._economics.finish(state.max_steps, self._policy.schedule.current_interval(args, state))
+        except Exception as exc:
+            logger.warning("Checkpoints are saved, but the train-end advice failed (%s: %s)", type(exc).__name__, exc)
 
     def _save_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module):
         try:
@@ -221,20 +231,29 @@ class CheckpointCallback(TrainerCallback):
             raise
         self._economics.clock.exclude(time.perf_counter() - started)  # what this step waited for is not the step
         self._last_saved = (state.global_step, path)
+        self._policy.schedule.saved(state.global_step)
         self._save_in_flight = self._held.background is not None and any_rank(self._held.background.pending)
         self._upload(path)
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False
         if not self._save_in_flight:  # an async save is measured when its verdict is taken
-            self._after_save(args, state, control, state.global_step)
+            self._after_save(args, state, control)
 
-    def _after_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, step: int) -> None:
-        """Collective (the auto interval's broadcast): measure, report and advise after the step save of `step`."""
-        advice, stats = None, self._settings.last_stats
+    def _after_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """Collective (the auto interval's broadcast): measure, report and advise after a step save was published.
+
+        The checkpoint is published: a failure here (metrics, advice, the run record) only warns."""
+        proposal, stats = None, self._settings.last_stats
         if args.should_save and stats is not None:
-            self._log.emit(stats.metrics(), state, control)
-            advice = self._economics.saved(stats, state.max_steps, self._policy.schedule.current_interval(args, state))
-        self._policy.schedule.after_save(step, advice.optimal.steps if advice is not None else None)
+            try:
+                self._log.emit(stats.metrics(), state, control)
+                interval = self._policy.schedule.current_interval(args, state)
+                advice = self._economics.saved(stats, state.max_steps, interval)
+                proposal = advice.optimal.steps if advice is not None else None
+            except Exception as exc:
+                logger.warning("Checkpoint %s is saved, but measuring it failed (%s: %s); the save interval stays "
+                               "as it is", stats.name, type(exc).__name__, exc)
+        self._policy.schedule.adopt(proposal)
 
     def _save_for_preemption(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module
@@ -272,10 +291,9 @@ class CheckpointCallback(TrainerCallback):
         except BaseException:
             self.close()  # train() ends with this error
             raise
-        step = self._last_saved[0]
-        self._last_saved = (step, path)
+        self._last_saved = (self._last_saved[0], path)
         self._upload(path)
-        self._after_save(args, state, control, step)
+        self._after_save(args, state, control)
 
     def _upload(self, published: Path | None) -> None:
         """Queue a checkpoint just published on this rank, when this rank uploads (rank 0 with upload_to)."""

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -172,3 +173,13 @@ def test_background_writer_and_its_hasher_yield_cpu_to_training(tmp_path, tokeni
     assert seen == {"writer": expected, "hasher": expected} and expected > training
     assert niceness() == training
     assert verify_checkpoint(tmp_path / "step_2") == []
+
+
+def test_async_saves_with_the_auto_interval_save_once_per_interval(tmp_path, tokenizer, llama, monkeypatch):
+    """A background save still in flight at the next step end must not make that step "due" again."""
+    real = _safetensors.write
+    monkeypatch.setattr(_safetensors, "write", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])  # a slow disk
+    callback = CheckpointCallback(FullModel(), async_save=True, save_interval="auto", mtbf_hours=1e6)
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=12, save_steps=4)
+    trainer.train()
+    assert entries(tmp_path) == {"step_4", "step_8", "step_12", "final"}

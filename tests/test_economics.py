@@ -134,7 +134,12 @@ def test_auto_interval_never_exceeds_save_steps_by_default(tmp_path, tokenizer):
     (dict(save_interval="often"), r"save_interval='often' must be 'trainer' .* or 'auto'"),
     (dict(save_interval="auto"), r"save_interval='auto' chooses the interval from the failure rate: pass mtbf_hours="),
     (dict(mtbf_hours=24, failure_probability=0.1), r"pass mtbf_hours or failure_probability, not both"),
-    (dict(mtbf_hours=0), r"mtbf_hours=0 must be a positive number"),
+    (dict(mtbf_hours=0), r"mtbf_hours=0 must be a positive, finite number"),
+    (dict(mtbf_hours=float("inf")), r"mtbf_hours=inf must be a positive, finite number"),
+    (dict(mtbf_hours=float("nan")), r"mtbf_hours=nan must be a positive, finite number"),
+    (dict(mtbf_hours=1e307), r"mtbf_hours=1e\+307 is outside \[0.000277778, 8.76e\+09\] hours"),
+    (dict(failure_probability=float("nan")), r"failure_probability=nan must be a positive, finite number"),
+    (dict(failure_probability=1e-300), r"failure_probability=1e-300 is below 1e-12"),
     (dict(failure_probability=2.0), r"failure_probability=2.0 is a probability: use a number in \(0, 1\]"),
     (dict(mtbf_hours=24, max_save_interval=100), r"max_save_interval bounds save_interval='auto'"),
     (dict(mtbf_hours=24, save_interval="auto", max_save_interval=0), r"max_save_interval=0 must be a positive int"),
@@ -182,3 +187,18 @@ def test_async_saves_are_measured_once_each_when_their_verdict_is_taken(tmp_path
     saves = json.loads((tmp_path / RUN_RECORD_NAME).read_text())["saves"]
     assert [save["step"] for save in saves] == [2, 4]
     assert all(save["blocking_seconds"] < save["total_seconds"] - 0.9 for save in saves)
+
+
+def test_a_failing_advisor_after_a_published_save_only_warns(tmp_path, tokenizer, llama, monkeypatch, caplog):
+    from open_instruct_ckpt import _advisor
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("float division by zero")
+
+    monkeypatch.setattr(_advisor, "advise", broken)
+    callback = CheckpointCallback(FullModel(), save_interval="auto", mtbf_hours=24)
+    with caplog.at_level(logging.WARNING, logger="open_instruct_ckpt"):
+        make_trainer(llama, tokenizer, tmp_path, callback, max_steps=6, save_steps=2).train()
+    assert entries(tmp_path) == {"step_2", "step_4", "step_6", "final"}
+    warned = [r.getMessage() for r in caplog.records if "measuring it failed (ZeroDivisionError" in r.getMessage()]
+    assert len(warned) == 3 and "train-end advice failed (ZeroDivisionError" in caplog.text

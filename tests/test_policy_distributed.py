@@ -20,9 +20,11 @@ def _rank(rank: int, work: str) -> None:
     try:
         policy = AutoInterval(max_interval=None)
         policy.start(SimpleNamespace(), SimpleNamespace(save_steps=10, max_steps=100, global_step=0))
-        policy.after_save(10, 4 if rank == 0 else 7)  # only rank 0 (the writer) measured 4; rank 1's 7 is ignored
+        policy.saved(10)
+        policy.adopt(4 if rank == 0 else 7)  # only rank 0 (the writer) measured 4; rank 1's 7 is ignored
         first = policy.interval
-        policy.after_save(14, None if rank else 25)  # above save_steps: bounded to 10 on every rank
+        policy.saved(14)
+        policy.adopt(None if rank else 25)  # above save_steps: bounded to 10 on every rank
         Path(work, f"rank{rank}.json").write_text(json.dumps([first, policy.interval]))
     finally:
         dist.destroy_process_group()
