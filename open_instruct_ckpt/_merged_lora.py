@@ -70,6 +70,27 @@ class MergedLoRAFinal:
         return WriteReport(max(adapter_report.peak_held_bytes, report.peak_held_bytes), sha256)
 
 
+def unties_embeddings(model: Any) -> bool:
+    """Local: whether a LoRA layer's base weight is tied to another weight (LoRA on a tied `lm_head`): merged, the
+    two differ, so the merged model is saved untied (`tie_word_embeddings=False`), as the trained model computes."""
+    base = model.get_base_model()
+    layers = _lora_layers(base)
+    state = dict(base.state_dict(keep_vars=True))
+    merged_ids = {id(state[f"{prefix}.base_layer.weight"]) for prefix in layers if f"{prefix}.base_layer.weight" in state}
+    owners: dict[int, int] = {}
+    for tensor in state.values():
+        owners[id(tensor)] = owners.get(id(tensor), 0) + 1
+    return any(owners[tensor_id] > 1 for tensor_id in merged_ids)
+
+
+def _merged_configs(model: Any, generation_config: GenerationConfig | None) -> list[Any]:
+    configs = _configs_to_write(model.get_base_model(), generation_config)
+    if configs and unties_embeddings(model):
+        for config in {id(c): c for c in (configs[0], configs[0].get_text_config())}.values():
+            config.tie_word_embeddings = False
+    return configs
+
+
 def write_merged(model: Any, directory: Path | None, generation_config: GenerationConfig | None) -> WriteReport:
     """Collective: gather the base and LoRA factors module by module; the writer (with `directory`) writes merged shards."""
     plan, merge = plan_merged(model)
@@ -82,7 +103,7 @@ def write_merged(model: Any, directory: Path | None, generation_config: Generati
     if writer is None:
         return WriteReport()
     writer.finish()
-    _write_configs(_configs_to_write(model.get_base_model(), generation_config), writer.directory)
+    _write_configs(_merged_configs(model, generation_config), writer.directory)
     return WriteReport(writer.peak_held_bytes, dict(writer.sha256))
 
 
@@ -113,9 +134,11 @@ def plan_merged(model: Any) -> tuple[ShardPlan, Callable[[dict[str, torch.Tensor
     for key in getattr(base, "_keys_to_ignore_on_save", None) or []:
         state.pop(key, None)
     rename = {name: merged for name in state if (merged := _merged_name(name, layers)) is not None}
-    kept = _untied_names(base, {merged: state[name] for name, merged in rename.items()})
-    rename = {name: merged for name, merged in rename.items() if merged in kept}
     factors = {f"{p}.base_layer.weight": _factors(p, layer, model.active_adapter) for p, layer in layers.items()}
+    # A merged weight is a new tensor: tied to nothing, even where its base weight was (LoRA on a tied lm_head).
+    kept = _untied_names(base, {merged: torch.empty(0) if name in factors else state[name]
+                                for name, merged in rename.items()})
+    rename = {name: merged for name, merged in rename.items() if merged in kept}
     lora_ids = {id(t) for name, t in state.items() if name not in rename and _merged_name(name, layers) is None}
     plan = split_plan(
         {merged: state[name] for name, merged in rename.items()}, _name_reverter(base), DEFAULT_MAX_SHARD_SIZE,

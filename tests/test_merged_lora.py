@@ -189,3 +189,21 @@ def test_a_bf16_base_merges_in_fp32_and_is_saved_in_bf16_like_merge_and_unload(t
     assert merged.keys() <= reference.keys() and all(t.dtype == torch.bfloat16 for t in merged.values())
     for name, tensor in merged.items():
         assert torch.equal(tensor, reference[name]), name
+
+
+def test_lora_on_a_tied_lm_head_merges_into_an_untied_model_that_matches(tmp_path, tokenizer):
+    """Tied embeddings with LoRA on lm_head: the trained model reads W at the input and W + BA at the output, which
+    only an untied model can hold (PEFT's merge_and_unload cannot)."""
+    model = get_peft_model(llama_model(tokenizer, tie=True), lora_config(target_modules=["q_proj", "lm_head"]))
+    trainer = make_trainer(model, tokenizer, tmp_path, CheckpointCallback(LoRAAdapter(merged_final=True)))
+    trainer.train()
+    merged_dir = tmp_path / "final" / "merged"
+    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    saved = load_file(merged_dir / "model.safetensors")
+    base = model.get_base_model()
+    assert saved["model.embed_tokens.weight"].equal(base.model.embed_tokens.weight.detach())
+    assert not saved["lm_head.weight"].equal(saved["model.embed_tokens.weight"])
+    served = AutoModelForCausalLM.from_pretrained(merged_dir)
+    difference = (logits(served, tokenizer) - logits(model, tokenizer)).abs().max().item()
+    assert difference <= ATOL, difference
+    assert verify_checkpoint(tmp_path / "final") == []
