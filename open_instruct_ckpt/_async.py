@@ -12,11 +12,13 @@ the GIL (benchmarks/save_speed.py row 3 measures it). A worker process would nee
 shared memory and the tokenizer pickled across, for no gain on that measurement. On Linux the
 thread runs at a lower CPU priority (nice +10, inherited by the hashing threads it starts), so
 where cores are short training keeps them and the save takes longer instead; when training waits
-for the save (the next save, a preemption, train end) it has the CPU to itself again.
+for the save (the next save, a preemption, train end) the save gets its full priority back (where the
+process may raise it again: root or RLIMIT_NICE; elsewhere it is never lowered).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -125,17 +127,58 @@ class BackgroundSaver:
         return verdict
 
     def wait(self) -> None:
+        """Wait for the save in flight, which gets its full CPU priority back: training now waits for it."""
         if self._thread is not None:
+            if self._thread.is_alive():
+                _restore_priority()
             self._thread.join()
 
 
 def _yield_cpu_to_training() -> None:
     """Linux: lower the calling thread's CPU priority by BACKGROUND_NICENESS (nice is per thread there;
-    elsewhere setpriority would take a thread id for a process id, so nothing is done)."""
-    if not sys.platform.startswith("linux"):
+    elsewhere setpriority would take a thread id for a process id, so nothing is done), but only where it can be
+    raised again when training waits for the save (root, or RLIMIT_NICE allows it)."""
+    if not sys.platform.startswith("linux") or not _can_restore_priority():
         return
     thread = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICENESS))
     except OSError as exc:  # e.g. a seccomp profile forbids it: the save still runs, at the same priority
         logger.debug("background save keeps its CPU priority: %s", exc)
+
+
+@functools.lru_cache(maxsize=1)
+def _can_restore_priority() -> bool:
+    """Whether a thread of this process may lower its nice value again (a probe on a throwaway thread)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        thread = threading.get_native_id()
+        base = os.getpriority(os.PRIO_PROCESS, thread)
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, base + 1))
+            os.setpriority(os.PRIO_PROCESS, thread, base)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, name="open_instruct_ckpt-nice-probe", daemon=True)
+    worker.start()
+    worker.join()
+    return bool(result and result[0])
+
+
+def _restore_priority() -> None:
+    """Give every thread of this process that a background save lowered (the saver and its hashers) the
+    priority of the calling (training) thread again."""
+    if not sys.platform.startswith("linux"):
+        return
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    lowered = min(19, base + BACKGROUND_NICENESS)
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            tid = int(task.name)
+            if tid != threading.get_native_id() and os.getpriority(os.PRIO_PROCESS, tid) == lowered:
+                os.setpriority(os.PRIO_PROCESS, tid, base)
+        except (OSError, ValueError):  # a thread that ended meanwhile
+            continue

@@ -28,6 +28,17 @@ from open_instruct_ckpt import (
 )
 
 
+class PauseAfterStep(TrainerCallback):
+    """Training goes on (in time) without waiting for the save started at `step`."""
+
+    def __init__(self, step: int, seconds: float) -> None:
+        self.step, self.seconds = step, seconds
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            time.sleep(self.seconds)
+
+
 @pytest.fixture
 def held_writes(monkeypatch):
     """Shard writes wait until `release` is set; `started` is set when the first one is reached."""
@@ -166,8 +177,9 @@ def test_background_writer_and_its_hasher_yield_cpu_to_training(tmp_path, tokeni
     monkeypatch.setattr(_safetensors, "_hash_until_done",
                         lambda *a: (seen.setdefault("hasher", niceness()), real_hash(*a))[1])
     training = niceness()
-    trainer = make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), async_save=True), max_steps=2,
+    trainer = make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), async_save=True), max_steps=4,
                            save_steps=2)
+    trainer.add_callback(PauseAfterStep(2, 1.0))  # the step-2 save runs while training goes on, nobody waiting for it
     trainer.train()
     expected = min(19, training + _async.BACKGROUND_NICENESS)
     assert seen == {"writer": expected, "hasher": expected} and expected > training
@@ -183,3 +195,29 @@ def test_async_saves_with_the_auto_interval_save_once_per_interval(tmp_path, tok
     trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=12, save_steps=4)
     trainer.train()
     assert entries(tmp_path) == {"step_4", "step_8", "step_12", "final"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux behaviour")
+def test_a_background_save_gets_full_priority_while_training_waits_for_it(tmp_path, tokenizer, llama, monkeypatch):
+    """Train end (like the next save or a preemption) waits for the background save: it must not crawl at nice +10."""
+    release, seen = threading.Event(), {}
+    real_write, real_hash = _safetensors.write, _safetensors._hash_until_done
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def held_write(*args, **kwargs):
+        seen.setdefault("writer_before", niceness())
+        assert release.wait(60)
+        seen.setdefault("writer_waited_on", niceness())
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(_safetensors, "write", held_write)
+    monkeypatch.setattr(_safetensors, "_hash_until_done", lambda *a: (seen.setdefault("hasher", niceness()), real_hash(*a))[1])
+    threading.Timer(1.5, release.set).start()  # released while train end waits for the step-2 save
+    training = niceness()
+    make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), async_save=True), max_steps=2,
+                 save_steps=2).train()
+    assert seen == {"writer_before": min(19, training + _async.BACKGROUND_NICENESS), "writer_waited_on": training,
+                    "hasher": training}
+    assert verify_checkpoint(tmp_path / "final") == []
