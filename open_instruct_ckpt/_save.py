@@ -143,15 +143,44 @@ def _save_all_writers(
     return published
 
 
+_SHARED_FIX = "writers='all' needs output_dir on a filesystem shared by every rank and writable from each; " \
+              "use FullModel(writers='main') (rank 0 writes every file)"
+
+
 def _probe_writable(directory: Path) -> None:
     if not directory.is_dir():
         raise CheckpointError(
-            f"FullModel(writers='all'): staging directory {directory} (created by rank 0) is not visible on this rank; "
-            "writers='all' needs output_dir on a filesystem shared by every rank, or use writers='main'"
+            f"FullModel(writers='all'): directory {directory} (created by rank 0) is not visible on this rank; "
+            f"{_SHARED_FIX}"
         )
     probe = directory / f".probe-{uuid.uuid4().hex[:12]}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"FullModel(writers='all'): this rank cannot write in {directory} ({exc}); "
+                              f"{_SHARED_FIX}") from exc
+
+
+def check_all_writers(settings: SaveSettings, is_writer: bool) -> None:
+    """Collective, at on_train_begin with writers='all': every rank proves it can write in a directory rank 0 made
+    in output_dir, so a filesystem that is not shared fails before training, on every rank, with the fix."""
+    probe, error = None, None
+    if is_writer:
+        try:
+            probe = _io.create_staging(settings.output_dir, "probe")
+        except OSError as exc:
+            error = explained(exc, settings.output_dir)
+    directory = Path(from_rank_zero(str(probe) if probe is not None else ""))
+    try:
+        if error is None:
+            _probe_writable(directory)
+    except Exception as exc:
+        error = exc
+    try:
+        raise_on_all_ranks(error)
+    finally:
+        _io.discard(probe)
 
 
 def _shared_verdict(error: BaseException | None, staged: _Staged | None) -> None:

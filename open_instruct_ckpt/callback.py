@@ -14,7 +14,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from . import _arguments, _async, _gather, _generation_config, _logging, _metrics, _policy, _run, _save, _upload
-from ._dist import any_rank, raise_on_all_ranks
+from ._dist import any_rank, is_distributed, raise_on_all_ranks
 from ._economics import RunEconomics
 from ._lock import RunLock
 from ._manifest import FINAL_NAME, step_name
@@ -132,6 +132,9 @@ class CheckpointCallback(TrainerCallback):
         if args.should_save:
             logger.info(self._trainer_checkpoint_reason(args))
             self._warn_if_trainer_gathers(args)
+            if self._held.background is not None and self._writers() == "all" and args.world_size > 1:
+                logger.warning("async_save=True with FullModel(writers='all') saves synchronously for now: every rank "
+                               "writes its shards while training waits; use writers='main' for async saves")
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self.close()
@@ -148,6 +151,8 @@ class CheckpointCallback(TrainerCallback):
                 error = exc
         try:
             raise_on_all_ranks(error)
+            if self._writers() == "all" and is_distributed():
+                _save.check_all_writers(self._settings, args.should_save)
         except BaseException:
             self.close()  # on_train_end will not run
             raise
@@ -300,6 +305,9 @@ class CheckpointCallback(TrainerCallback):
         uploader = self._held.uploader
         if published is not None and uploader is not None and uploader.is_open:
             uploader.enqueue(published)
+
+    def _writers(self) -> str:
+        return getattr(self.strategy, "writers", "main")  # FullModel's option (until writers moves to the callback)
 
     def _saved_at(self, step: int) -> bool:
         return self._last_saved is not None and self._last_saved[0] == step

@@ -30,3 +30,17 @@ def test_all_writers_checkpoint_is_byte_identical_to_one_writer(launched, engine
     written_by_rank1 = {event[1].rsplit("/", 1)[-1] for event in every.report(1)["audit"]}
     assert any(name.startswith("model-") for name in written_by_rank1)  # rank 1 really wrote shards
     assert one.report(1)["audit"] == []  # writers="main": the non-writer writes nothing
+
+
+def test_all_writers_on_storage_that_is_not_shared_fail_before_training_naming_writers_main(launched):
+    run = launched(*ARGS, "--engine", "fsdp2", "--writers", "all", "--unshared-output-dir", "--async-save",
+                   "--expect-error")
+    run.check_expected_error()
+    assert any("async_save=True with FullModel(writers='all') saves synchronously" in warning
+               for warning in run.report(0)["warnings"])
+    for rank in (0, 1):
+        report = run.report(rank)
+        assert "writers='all' needs output_dir on a filesystem shared by every rank" in report["error"], report["error"]
+        assert "use FullModel(writers='main')" in report["error"]
+        assert "save_started" not in report  # refused at on_train_begin, before the first step
+    assert not list((run.out / "storage0" / "ckpt").glob("step_*"))

@@ -67,6 +67,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--fail-shard-write-at-step", type=int, default=None, help="rank 0's disk fills mid-save")
     parser.add_argument("--writers", choices=["main", "all"], default="main", help="FullModel(writers=...)")
     parser.add_argument("--async-save", action="store_true", help="CheckpointCallback(async_save=True)")
+    parser.add_argument("--unshared-output-dir", action="store_true",
+                        help="output_dir 'ckpt' relative to a directory of each rank's own: storage not shared")
     parser.add_argument("--expect-error", action="store_true")
     return parser.parse_args()
 
@@ -132,7 +134,7 @@ def training_args(opts: argparse.Namespace):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(opts.out / "ckpt"), max_steps=opts.max_steps, save_strategy="steps", save_steps=2,
+        output_dir="ckpt" if opts.unshared_output_dir else str(opts.out / "ckpt"), max_steps=opts.max_steps, save_strategy="steps", save_steps=2,
         save_total_limit=opts.keep_last, per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
         logging_steps=100, disable_tqdm=True, save_only_model=not opts.trainer_checkpoints, seed=0, ddp_timeout=120,
         accelerator_config={"use_configured_state": True}, **engine_arguments(opts),
@@ -288,6 +290,10 @@ def capture_warnings(report: dict) -> None:
 def set_up_processes(opts: argparse.Namespace, report: dict) -> int:
     """Audit hook on every rank (the writer's shows the hook sees writes), then the process group."""
     rank = int(os.environ["RANK"])
+    if opts.unshared_output_dir:
+        storage = opts.out / f"storage{rank}"
+        storage.mkdir(parents=True)
+        os.chdir(storage)
     (opts.out / "reports").mkdir(parents=True, exist_ok=True)
     install_audit(opts.out / "ckpt", report["audit"] if rank != 0 else report.setdefault("writer_audit", []))
     if opts.engine in DEEPSPEED:
