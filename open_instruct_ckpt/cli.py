@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from . import _advisor, _inspect
 from ._economics import recorded_costs
-from ._manifest import MANIFEST_NAME
+from ._manifest import MANIFEST_NAME, RUN_RECORD_NAME
 from ._readers import latest_checkpoint, verify_checkpoint
 
 PROG = "open-instruct-ckpt"
@@ -183,8 +183,8 @@ def advise(args: argparse.Namespace) -> int:
     costs = _advisor.Costs(**values)
     try:
         advice = _advisor.advise(costs, current)
-    except ValueError as exc:
-        raise UsageError(f"{PROG} advise: {exc}") from None
+    except _advisor.UnusableCost as exc:
+        raise UsageError(f"{PROG} advise: {exc}{_recorded_by(exc.field, recorded, args)}") from None
     if args.json:
         print(json.dumps(advice.to_dict(), indent=2))
         return OK
@@ -204,6 +204,14 @@ def _given_costs(args: argparse.Namespace) -> dict[str, Any]:
         "failure_probability": args.failure_probability, "total_steps": args.total_steps,
         "keep_last": args.keep_last, "checkpoint_bytes": args.checkpoint_bytes, "current_interval": args.interval,
     }
+
+
+def _recorded_by(field: str | None, recorded: dict[str, Any], args: argparse.Namespace) -> str:
+    """Where a bad value came from, when the run's record gave it and no option overrode it."""
+    if field is None or recorded.get(field) is None or _given_costs(args).get(field) is not None:
+        return ""
+    option = "interval" if field == "current_interval" else field.replace("_", "-")
+    return f" (as {args.run_dir / RUN_RECORD_NAME} recorded it; pass --{option} to override)"
 
 
 def _recorded_costs(run_dir: Path) -> dict[str, Any]:
