@@ -65,8 +65,8 @@ class RunEconomics:
         costs = self.costs(total_steps, self._keep_last)
         advice = _advisor.advise(costs, interval) if costs is not None else None
         if self._output_dir is not None:
-            self._record(self._output_dir, {**self._facts, "total_steps": total_steps, "current_interval": interval},
-                         advice)
+            facts = {"total_steps": total_steps, "current_interval": interval, "keep_last": self._keep_last}
+            self._record(self._output_dir, {**self._facts, **facts}, advice)
         return advice
 
     def costs(self, total_steps: int, keep_last: int | None) -> _advisor.Costs | None:

@@ -246,3 +246,13 @@ def test_advise_of_a_record_with_unusable_saves_names_the_options(tmp_path, save
     (tmp_path / RUN_RECORD_NAME).write_text(json.dumps(record))
     assert "pass --save-seconds and --step-seconds" in one_line_error(cli("advise", tmp_path))
 
+
+def test_advise_counts_the_checkpoints_the_runs_retention_keeps(tmp_path):
+    tokenizer = llama_tokenizer()
+    callback = CheckpointCallback(FullModel(), keep_last=1, mtbf_hours=24)
+    make_trainer(llama_model(tokenizer), tokenizer, tmp_path, callback, save_steps=1).train()
+    assert json.loads((tmp_path / RUN_RECORD_NAME).read_text())["keep_last"] == 1
+    done = cli("advise", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "disk at the current interval: 1 x " in done.stdout and "disk at the optimum: 1 x " in done.stdout
+    assert "disk at the current interval: 3 x " in cli("advise", tmp_path, "--keep-last", 3).stdout
