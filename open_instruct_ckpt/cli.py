@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import _advisor, _inspect
+from . import _advisor, _inspect, _verify
 from ._economics import recorded_costs
 from ._manifest import MANIFEST_NAME, RUN_RECORD_NAME
-from ._readers import latest_checkpoint, verify_checkpoint
+from ._readers import latest_checkpoint
 
 PROG = "open-instruct-ckpt"
 OK, FAILED, USAGE = 0, 1, 2
@@ -24,6 +24,7 @@ EPILOG = """exit codes:
   0  success
   1  a check failed: verify found a damaged checkpoint (or, with --load, it did not load);
      inspect found an incomplete checkpoint; latest found no complete checkpoint
+     (a checkpoint that a run prunes while verify checks its output directory is REMOVED, not a failure)
   2  a usage mistake: bad arguments, a path that does not exist, a file where a directory is expected
      (verify instead reports such a path as CORRUPT and goes on checking the others)
 
@@ -126,41 +127,15 @@ def _inspect_lines(info: dict[str, Any]) -> list[str]:
 
 def verify(paths: list[Path], load: bool) -> int:
     """Each path is checked and reported, even after one that is missing or damaged."""
-    checkpoints = [checkpoint for path in paths for checkpoint in _checkpoints_in(path)]
-    failed = 0
-    for path in checkpoints:
-        problems = _not_a_directory(path) or verify_checkpoint(path)
-        if not problems and load:
-            problems = _load_problems(path)
-        print(f"{path}: {'OK' if not problems else 'CORRUPT'}")
-        for problem in problems:
-            print(f"  {problem}")
-        failed += bool(problems)
+    failed = False
+    for verdict in _verify.verdicts(paths, load):
+        if verdict.loaded is not None:
+            print(f"{verdict.path}: loaded {verdict.loaded}")
+        print(f"{verdict.path}: {verdict.status}")
+        for detail in verdict.details:
+            print(f"  {detail}")
+        failed = failed or verdict.failed
     return FAILED if failed else OK
-
-
-def _not_a_directory(path: Path) -> list[str]:
-    if not path.exists():
-        return ["does not exist"]
-    return [] if path.is_dir() else ["is a file, not a directory"]
-
-
-def _checkpoints_in(path: Path) -> list[Path]:
-    """A checkpoint is itself; an output directory stands for each checkpoint directory in it."""
-    if not path.is_dir() or (path / MANIFEST_NAME).exists():
-        return [path]
-    inside = [entry.path for entry in _inspect.list_checkpoints(path) if not entry.name.startswith(".")]
-    return inside or [path]
-
-
-def _load_problems(path: Path) -> list[str]:
-    from ._loadcheck import LoadFailed, load
-
-    try:
-        print(f"{path}: loaded {load(path)}")
-    except LoadFailed as exc:
-        return [f"load failed: {exc}"]
-    return []
 
 
 # -- advise -----------------------------------------------------------------------------------------
