@@ -32,8 +32,8 @@ from ._readers import (
     _size_problem,
     latest_checkpoint,
     open_inside,
-    read_safetensors_header,
 )
+from ._safetensors_header import read_safetensors_header
 
 
 @dataclass
