@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import _advisor, _inspect, _verify
+from . import _advisor, _inspect, _inspect_text, _verify
 from ._economics import recorded_costs
 from ._manifest import MANIFEST_NAME, RUN_RECORD_NAME
 from ._readers import latest_checkpoint
@@ -85,42 +85,8 @@ def inspect(path: Path, as_json: bool) -> int:
         raise UsageError(f"{PROG} inspect: {path} is an output directory; inspect one of its checkpoints "
                          f"(see: {PROG} list {path})")
     info = _inspect.describe(directory)
-    print(json.dumps(info, indent=2, default=str) if as_json else "\n".join(_inspect_lines(info)))
+    print(json.dumps(info, indent=2, default=str) if as_json else "\n".join(_inspect_text.lines(info)))
     return OK if info["complete"] else FAILED
-
-
-def _inspect_lines(info: dict[str, Any]) -> list[str]:
-    complete = "yes (manifest valid, files present with their sizes)" if info["complete"] else f"no: {info['problem']}"
-    lines = [info["path"], f"  complete:    {complete}", f"  step:        {info['step']}",
-             f"  strategy:    {info['strategy']}"]
-    weights, config = info["weights"], info["config"]
-    if weights:
-        lines.append(f"  weights:     {weights['parameters']:,} parameters in {weights['tensors']} tensors, "
-                     f"dtype {', '.join(weights['dtypes'])}")
-    if config:
-        lines.append(f"  model:       {', '.join(config['architectures'] or ['?'])} ({config['model_type']}), "
-                     f"config dtype {config['dtype']}")
-    if info["adapter"]:
-        adapter = info["adapter"]
-        lines.append(f"  adapter:     {adapter['peft_type']} r={adapter['r']} on {adapter['target_modules']}, "
-                     f"base {adapter['base_model_name_or_path'] or '(not set: AutoPeftModel cannot load it)'}")
-    generation = info["generation_config"]
-    if generation:
-        eos = ", ".join(f"{i} {t!r}" if t is not None else str(i)
-                        for i, t in zip(generation["eos_token_id"], generation["eos_tokens"]))
-        lines.append(f"  generation:  eos_token_id [{eos}], bos {generation['bos_token_id']}, "
-                     f"pad {generation['pad_token_id']}")
-    if info["tokenizer"]:
-        tok = info["tokenizer"]
-        lines.append(f"  tokenizer:   {tok['class']}, vocab {tok['vocab_size']}, eos {tok['eos_token']!r}, "
-                     f"pad {tok['pad_token']!r}")
-    if info["linked_from"]:
-        lines.append(f"  final/:      hard links to {info['linked_from']} (shares its files, not a copy)")
-    elif info["final_links_here"]:
-        lines.append("  final/:      hard links to this checkpoint (shares its files, not a copy)")
-    lines.append(f"  files:       {len(info['files'])}, {_advisor.human_bytes(info['total_bytes'])}")
-    lines += [f"    {name:<40} {_advisor.human_bytes(size):>10}" for name, size in info["files"].items()]
-    return lines
 
 
 # -- verify -----------------------------------------------------------------------------------------
