@@ -111,6 +111,34 @@ def _load_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def covering_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest that lists `directory`'s files: its own or, for a model inside a checkpoint (merged LoRA's
+    `final/merged/`, which has none), the parent's, narrowed to the files under its name (relative to it, with
+    `part_of` naming the parent). Raises Unreadable, for the directory's own manifest, when there is neither."""
+    try:
+        return _load_manifest(directory)
+    except Unreadable as own:
+        inside = None if os.path.lexists(directory / MANIFEST_NAME) else _inside_parent(directory)
+        if inside is None:
+            raise own
+        return inside
+
+
+def _inside_parent(directory: Path) -> dict[str, Any] | None:
+    if os.path.islink(directory):
+        return None
+    try:
+        parent = _load_manifest(directory.parent)
+    except Unreadable:
+        return None
+    prefix = f"{directory.name}/"
+    files = {name[len(prefix):]: entry for name, entry in parent["files"].items() if name.startswith(prefix)}
+    if not has_weights(files):
+        return None
+    kept = {key: value for key, value in parent.items() if key not in ("files", "linked_from", "stats")}
+    return {**kept, "files": files, "part_of": str(directory.parent)}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -225,10 +253,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 # -- verifying --------------------------------------------------------------------------------------
 
 def verify_checkpoint(path: str | Path) -> list[str]:
-    """Re-read a checkpoint against its manifest; returns the problems found (empty when sound)."""
+    """Re-read a checkpoint (or a model inside one) against its manifest; returns the problems found (empty when
+    sound)."""
     directory = Path(path)
     try:
-        manifest = _load_manifest(directory)
+        manifest = covering_manifest(directory)
     except Unreadable as exc:
         return [f"{MANIFEST_NAME}: not a valid manifest ({exc})"]
     problems = []
