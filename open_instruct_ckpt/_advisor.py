@@ -14,6 +14,7 @@ f = F / T is the failure rate per step; every quantity below is computed from th
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -64,27 +65,97 @@ class Advice:
         return asdict(self)
 
 
-def check_costs(costs: Costs) -> None:
-    """Raise a ValueError naming the value and the fix for costs the formulas cannot use."""
-    if not _positive(costs.step_seconds):
-        raise ValueError(f"step seconds {costs.step_seconds!r} must be a positive number of seconds per step")
-    if not _number(costs.save_seconds) or costs.save_seconds < 0:
-        raise ValueError(f"save seconds {costs.save_seconds!r} must be a number of seconds >= 0")
-    if (costs.mtbf_hours is None) == (costs.failure_probability is None):
-        raise ValueError("give exactly one of the mean time between failures (hours) and the failure probability")
-    if costs.mtbf_hours is not None and not _positive(costs.mtbf_hours):
-        raise ValueError(f"mtbf_hours={costs.mtbf_hours!r} must be a positive number of hours, e.g. 24")
-    if costs.failure_probability is not None:
-        if not _number(costs.failure_probability) or not 0 < costs.failure_probability <= 1:
-            raise ValueError(f"failure probability {costs.failure_probability!r} must be in (0, 1], e.g. 0.1")
-        if costs.total_steps is None:
-            raise ValueError("a failure probability is per run: give the run's total steps too")
-    if costs.total_steps is not None and (not isinstance(costs.total_steps, int) or costs.total_steps < 1):
-        raise ValueError(f"total steps {costs.total_steps!r} must be a positive integer")
+class UnusableCost(ValueError):
+    """Costs the formulas cannot use: the message names the value and the fix, `field` the input
+    (a `Costs` field, `current_interval`, or None when only the values together fail)."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_costs(costs: Costs, current_steps: Any = None) -> None:
+    """Raise an UnusableCost for any input the formulas cannot use, of any type, and for values whose
+    optimum or costs overflow a float (each is a finite number in range, but not all of them together)."""
+    _check_rates(costs)
+    _check_counts(costs, current_steps)
+    try:
+        finite = all(math.isfinite(x) for x in _results(costs, current_steps))
+    except (ArithmeticError, ValueError):
+        finite = False
+    if not finite:
+        raise UnusableCost(None, f"these costs overflow, the optimum or a cost is not a finite number "
+                                 f"({_given(costs)}): give the seconds, hours and sizes of a real run")
+
+
+def _check_rates(costs: Costs) -> None:
+    step, save, mtbf, probability = costs.step_seconds, costs.save_seconds, costs.mtbf_hours, costs.failure_probability
+    if not _positive(step):
+        raise UnusableCost("step_seconds", f"step seconds {_shown(step)} must be a positive number of seconds per step")
+    if not _number(save) or save < 0:
+        raise UnusableCost("save_seconds", f"save seconds {_shown(save)} must be a number of seconds >= 0")
+    if (mtbf is None) == (probability is None):
+        raise UnusableCost(None, "give exactly one of the mean time between failures (hours) and the failure "
+                                 "probability")
+    if mtbf is not None and not _positive(mtbf):
+        raise UnusableCost("mtbf_hours", f"mtbf_hours={_shown(mtbf)} must be a positive number of hours, e.g. 24")
+    if probability is not None and (not _number(probability) or not 0 < probability <= 1):
+        raise UnusableCost("failure_probability", f"failure probability {_shown(probability)} must be in (0, 1], "
+                                                  "e.g. 0.1")
+    if probability is not None and costs.total_steps is None:
+        raise UnusableCost("total_steps", "a failure probability is per run: give the run's total steps too")
+
+
+_COUNTS = (  # field, its least value, what it is
+    ("total_steps", 1, "the run's length in steps, e.g. 10000"),
+    ("keep_last", 1, "how many step checkpoints retention keeps, e.g. 3"),
+    ("checkpoint_bytes", 0, "the size of one checkpoint in bytes, e.g. 16000000000"),
+)
+
+
+def _check_counts(costs: Costs, current_steps: Any) -> None:
+    counts = [(name, getattr(costs, name), least, what) for name, least, what in _COUNTS]
+    for name, value, least, what in [*counts, ("current_interval", current_steps, 1, "the save interval, e.g. 500")]:
+        if value is not None and (not _is_int(value) or value < least):
+            raise UnusableCost(name, f"{name.replace('_', ' ')} {_shown(value)} must be a whole number >= {least}: "
+                                     f"{what}")
+
+
+def _results(costs: Costs, current_steps: int | None) -> list[float]:
+    """Every number the advice shows, as floats (an int too large for a float raises OverflowError)."""
+    exact = _optimum(costs)
+    results = [exact, exact * costs.step_seconds]
+    if costs.mtbf_hours is not None:
+        results.append(young_daly_seconds(costs.save_seconds, costs.mtbf_hours))
+    for steps in _table_steps(costs, _rounded(costs, exact), current_steps):
+        cost = interval_cost(costs, steps)
+        results += [float(cost.steps), cost.seconds, cost.overhead_fraction, cost.loss_fraction,
+                    cost.overhead_seconds or 0.0, cost.lost_seconds or 0.0]
+        if cost.disk_bytes is not None and costs.checkpoint_bytes is not None:
+            results.append(float(cost.disk_bytes + costs.checkpoint_bytes))
+    return results
+
+
+def _given(costs: Costs) -> str:
+    given = {name: value for name, value in asdict(costs).items() if value is not None}
+    return ", ".join(f"{name.replace('_', ' ')} {_shown(value)}" for name, value in given.items())
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python converts to text
+        return "an int of thousands of digits"
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int beyond a float's range is not)."""
+    return (_is_int(value) or isinstance(value, float)) and abs(value) <= sys.float_info.max
 
 
 def _positive(value: Any) -> bool:
@@ -102,6 +173,10 @@ def failures_per_step(costs: Costs) -> float:
 def optimal_interval(costs: Costs) -> float:
     """N* = sqrt(2 C / (f s)) in steps (unbounded, fractional); the same as sqrt(2 T C / (F s))."""
     check_costs(costs)
+    return _optimum(costs)
+
+
+def _optimum(costs: Costs) -> float:
     return math.sqrt(2 * costs.save_seconds / (failures_per_step(costs) * costs.step_seconds))
 
 
@@ -112,7 +187,12 @@ def young_daly_seconds(save_seconds: float, mtbf_hours: float) -> float:
 
 def optimal_steps(costs: Costs) -> int:
     """N* rounded to a whole number of steps, at least 1 and at most the run's total steps when known."""
-    steps = max(1, round(optimal_interval(costs)))
+    check_costs(costs)
+    return _rounded(costs, _optimum(costs))
+
+
+def _rounded(costs: Costs, exact: float) -> int:
+    steps = max(1, round(exact))
     return min(steps, costs.total_steps) if costs.total_steps is not None else steps
 
 
@@ -141,15 +221,21 @@ def kept_checkpoints(steps: int, total_steps: int | None, keep_last: int | None)
 
 def advise(costs: Costs, current_steps: int | None = None) -> Advice:
     """The optimum, the current interval's costs beside it, and a small trade-off table around the optimum."""
-    exact = optimal_interval(costs)
-    best = optimal_steps(costs)
+    check_costs(costs, current_steps)
+    exact = _optimum(costs)
+    best = _rounded(costs, exact)
+    current = interval_cost(costs, current_steps) if current_steps is not None else None
+    table = [interval_cost(costs, n) for n in _table_steps(costs, best, current_steps)]
+    return Advice(costs, exact, interval_cost(costs, best), current, table)
+
+
+def _table_steps(costs: Costs, best: int, current_steps: int | None) -> list[int]:
     steps = {max(1, round(best * factor)) for factor in TABLE_FACTORS}
     if costs.total_steps is not None:
         steps = {min(n, costs.total_steps) for n in steps}
     if current_steps is not None:
         steps.add(current_steps)
-    current = interval_cost(costs, current_steps) if current_steps is not None else None
-    return Advice(costs, exact, interval_cost(costs, best), current, [interval_cost(costs, n) for n in sorted(steps)])
+    return sorted(steps)
 
 
 # -- rendering (plain text, for the log and the command line) ------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,8 +65,8 @@ class RunEconomics:
         costs = self.costs(total_steps, self._keep_last)
         advice = _advisor.advise(costs, interval) if costs is not None else None
         if self._output_dir is not None:
-            self._record(self._output_dir, {**self._facts, "total_steps": total_steps, "current_interval": interval},
-                         advice)
+            facts = {"total_steps": total_steps, "current_interval": interval, "keep_last": self._keep_last}
+            self._record(self._output_dir, {**self._facts, **facts}, advice)
         return advice
 
     def costs(self, total_steps: int, keep_last: int | None) -> _advisor.Costs | None:
@@ -113,8 +114,10 @@ class RunEconomics:
 
 def recorded_costs(record: dict[str, Any] | None) -> dict[str, Any] | None:
     """The advisor's inputs as a run recorded them (`Costs` fields plus `current_interval`); None if unusable."""
-    saves = [s for s in (record or {}).get("saves") or [] if isinstance(s, dict)]
-    blocking = [s["blocking_seconds"] for s in saves if isinstance(s.get("blocking_seconds"), (int, float))]
+    saves = (record or {}).get("saves")
+    saves = [s for s in saves if isinstance(s, dict)] if isinstance(saves, list) else []
+    recorded = [s.get("blocking_seconds") for s in saves]
+    blocking = [float(b) for b in recorded if type(b) in (int, float) and abs(b) <= sys.float_info.max]
     if record is None or not saves or len(blocking) != len(saves):
         return None
     return {

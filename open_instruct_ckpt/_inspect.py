@@ -20,6 +20,7 @@ from ._manifest import (
     RUN_RECORD_NAME,
     STEP_PATTERN,
     TEMPORARY_PATTERN,
+    has_weights,
     is_checkpoint_name,
     order_key,
 )
@@ -27,13 +28,13 @@ from ._readers import (
     _MAX_JSON_BYTES,
     Unreadable,
     _load_json,
-    _load_manifest,
     _read_all,
     _size_problem,
+    covering_manifest,
     latest_checkpoint,
     open_inside,
-    read_safetensors_header,
 )
+from ._safetensors_header import read_safetensors_header
 
 
 @dataclass
@@ -108,7 +109,7 @@ def read_run_record(output_dir: str | Path) -> dict[str, Any] | None:
 def manifest_and_problem(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
     """The manifest and None when the checkpoint is complete; else what is wrong (and the manifest, if valid)."""
     try:
-        manifest = _load_manifest(directory)
+        manifest = covering_manifest(directory)
     except Unreadable as exc:
         return None, f"{MANIFEST_NAME}: {exc}"
     for name, entry in manifest["files"].items():
@@ -169,12 +170,24 @@ def describe(path: str | Path) -> dict[str, Any]:
         "step": manifest and manifest.get("step"), "strategy": manifest and manifest.get("strategy"),
         "run_id": manifest and manifest.get("run_id"), "created_unix": manifest and manifest.get("created_unix"),
         "files": files, "total_bytes": sum(files.values()), "save_stats": manifest and manifest.get("stats"),
-        "weights": weights(directory, files), "config": _config(directory),
-        "generation_config": _generation(directory), "tokenizer": _tokenizer(directory),
+        "weights": weights(directory, {n: size for n, size in files.items() if "/" not in n}),
+        "config": _config(directory), "generation_config": _generation(directory), "tokenizer": _tokenizer(directory),
         "adapter": _adapter(directory), "linked_from": manifest and manifest.get("linked_from"),
-        "final_links_here": _final_links_here(directory),
+        "final_links_here": _final_links_here(directory), "part_of": manifest and manifest.get("part_of"),
+        "models_inside": {sub: _model_inside(directory, sub, files) for sub in models_inside(files)},
     }
     return info
+
+
+def models_inside(files: dict[str, Any]) -> list[str]:
+    """Sub-directories among a checkpoint's files that hold a model of their own (merged LoRA's `merged/`)."""
+    subs = sorted({name.split("/", 1)[0] for name in files if "/" in name})
+    return [sub for sub in subs if has_weights({n[len(sub) + 1:]: 0 for n in files if n.startswith(f"{sub}/")})]
+
+
+def _model_inside(directory: Path, sub: str, files: dict[str, int]) -> dict[str, Any]:
+    inside = {name: size for name, size in files.items() if name.startswith(f"{sub}/")}
+    return {"weights": weights(directory, inside), "config": _config(directory, f"{sub}/config.json")}
 
 
 def _files_on_disk(directory: Path) -> dict[str, int]:
@@ -201,8 +214,8 @@ def weights(directory: Path, files: dict[str, int]) -> dict[str, Any] | None:
     return {"parameters": parameters, "tensors": tensors, "dtypes": sorted(dtypes)} if tensors else None
 
 
-def _config(directory: Path) -> dict[str, Any] | None:
-    config = read_json(directory, "config.json")
+def _config(directory: Path, relative: str = "config.json") -> dict[str, Any] | None:
+    config = read_json(directory, relative)
     if not isinstance(config, dict):
         return None
     dtype = config.get("dtype", config.get("torch_dtype"))

@@ -5,14 +5,19 @@
 - a model (`config.json`): the class named in `config.architectures`, `from_pretrained`, with
   missing, unexpected or mismatched weights counted as a failure; then `AutoTokenizer` and
   `GenerationConfig` when their files are there;
-- plain weights (a `ModelAttribute` of a non-transformers module): `safetensors.torch.load_file`.
+- plain weights (a `ModelAttribute` of a non-transformers module): `safetensors.torch.load_file`;
+- and each model inside the checkpoint (merged LoRA's `final/merged/`) as a model.
 transformers, peft and torch are imported only here, when a load is asked for.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+from ._inspect import models_inside
+from ._readers import read_manifest
 
 
 class LoadFailed(Exception):
@@ -20,18 +25,31 @@ class LoadFailed(Exception):
 
 
 def load(path: Path) -> str:
-    """Load the checkpoint at `path`; returns a short description, raises LoadFailed otherwise."""
+    """Load the checkpoint at `path`, then each model inside it; returns a short description, raises LoadFailed
+    otherwise."""
+    manifest = read_manifest(path)
+    inside = models_inside(manifest["files"]) if manifest is not None else []
+    loaded = [_attempt("", _load_one, path)]
+    loaded += [_attempt(f"{sub}/: ", _load_model, path / sub) for sub in inside]
+    return "; ".join(loaded)
+
+
+def _attempt(label: str, loader: Callable[[Path], str], path: Path) -> str:
     try:
-        if (path / "adapter_config.json").is_file():
-            return _load_adapter(path)
-        if (path / "config.json").is_file():
-            return _load_model(path)
-        return _load_tensors(path)
-    except LoadFailed:
-        raise
+        return label + loader(path)
+    except LoadFailed as exc:
+        raise LoadFailed(f"{label}{exc}") from exc
     except Exception as exc:  # any loader error is the verdict: report it in one line
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise LoadFailed(f"{type(exc).__name__}: {first_line}") from exc
+        raise LoadFailed(f"{label}{type(exc).__name__}: {first_line}") from exc
+
+
+def _load_one(path: Path) -> str:
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter(path)
+    if (path / "config.json").is_file():
+        return _load_model(path)
+    return _load_tensors(path)
 
 
 def _load_model(path: Path) -> str:

@@ -15,20 +15,15 @@ import math
 import os
 import re
 import stat
-import struct
 from pathlib import Path
 from typing import Any
 
 from ._manifest import FORMAT, MANIFEST_NAME, TEMPORARY_PATTERN, has_weights, is_checkpoint_name, order_key
+from ._safetensors_header import header_problems
 
 _MAX_JSON_BYTES = 64 * 1024 * 1024
-_MAX_SAFETENSORS_HEADER = 100 * 1000 * 1000  # the safetensors format's own limit
 _CHUNK = 16 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -114,6 +109,34 @@ def _load_manifest(directory: Path) -> dict[str, Any]:
     if problem:
         raise Unreadable(problem)
     return manifest
+
+
+def covering_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest that lists `directory`'s files: its own or, for a model inside a checkpoint (merged LoRA's
+    `final/merged/`, which has none), the parent's, narrowed to the files under its name (relative to it, with
+    `part_of` naming the parent). Raises Unreadable, for the directory's own manifest, when there is neither."""
+    try:
+        return _load_manifest(directory)
+    except Unreadable as own:
+        inside = None if os.path.lexists(directory / MANIFEST_NAME) else _inside_parent(directory)
+        if inside is None:
+            raise own
+        return inside
+
+
+def _inside_parent(directory: Path) -> dict[str, Any] | None:
+    if os.path.islink(directory):
+        return None
+    try:
+        parent = _load_manifest(directory.parent)
+    except Unreadable:
+        return None
+    prefix = f"{directory.name}/"
+    files = {name[len(prefix):]: entry for name, entry in parent["files"].items() if name.startswith(prefix)}
+    if not has_weights(files):
+        return None
+    kept = {key: value for key, value in parent.items() if key not in ("files", "linked_from", "stats")}
+    return {**kept, "files": files, "part_of": str(directory.parent)}
 
 
 def _is_int(value: Any) -> bool:
@@ -230,10 +253,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 # -- verifying --------------------------------------------------------------------------------------
 
 def verify_checkpoint(path: str | Path) -> list[str]:
-    """Re-read a checkpoint against its manifest; returns the problems found (empty when sound)."""
+    """Re-read a checkpoint (or a model inside one) against its manifest; returns the problems found (empty when
+    sound)."""
     directory = Path(path)
     try:
-        manifest = _load_manifest(directory)
+        manifest = covering_manifest(directory)
     except Unreadable as exc:
         return [f"{MANIFEST_NAME}: not a valid manifest ({exc})"]
     problems = []
@@ -251,7 +275,7 @@ def _file_problems(directory: Path, relative: str, entry: dict[str, Any]) -> lis
         size = os.fstat(fd).st_size
         problems = []
         if relative.endswith(".safetensors"):
-            problems += [f"{relative}: {p}" for p in _header_problems(fd, size)]
+            problems += [f"{relative}: {p}" for p in header_problems(fd, size)]
         if size != entry["bytes"]:
             return [f"{relative}: size {size} bytes, manifest says {entry['bytes']}", *problems]
         if _sha256(fd) != entry["sha256"]:
@@ -269,85 +293,3 @@ def _sha256(fd: int) -> str:
     while chunk := os.read(fd, _CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def safetensors_header_problems(path: str | Path) -> list[str]:
-    """Check a safetensors file's header: its layout, and that every tensor's data lies inside the file."""
-    try:
-        fd = os.open(path, _READ_FLAGS)
-    except OSError as exc:
-        return [f"unreadable ({exc.strerror})"]
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ["not a regular file"]
-        return _header_problems(fd, os.fstat(fd).st_size)
-    except OSError as exc:
-        return [f"unreadable ({exc.strerror})"]
-    finally:
-        os.close(fd)
-
-
-def _header_problems(fd: int, size: int) -> list[str]:
-    read = read_safetensors_header(fd, size)
-    return [read] if isinstance(read, str) else _layout_problems(*read)
-
-
-def read_safetensors_header(fd: int, size: int) -> tuple[dict[str, Any], int] | str:
-    """The JSON header of the open safetensors file `fd` (`size` bytes) and the bytes of tensor data after it,
-    or why it cannot be read as one. Never raises for what the file holds (OSError only from the reads)."""
-    os.lseek(fd, 0, os.SEEK_SET)
-    prefix = os.read(fd, 8)
-    if len(prefix) < 8:
-        return "truncated safetensors header (file shorter than 8 bytes)"
-    (header_len,) = struct.unpack("<Q", prefix)
-    if 8 + header_len > size:
-        return f"truncated safetensors header ({header_len} header bytes declared, {size - 8} present)"
-    if header_len > _MAX_SAFETENSORS_HEADER:
-        return f"safetensors header of {header_len} bytes is over the format's limit"
-    try:
-        header = _load_json(os.read(fd, header_len))
-    except Unreadable:
-        return "corrupt safetensors header (not JSON)"
-    if not isinstance(header, dict):
-        return "corrupt safetensors header (not a JSON object)"
-    return header, size - 8 - header_len
-
-
-def _layout_problems(header: dict[str, Any], data_bytes: int) -> list[str]:
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not isinstance(info, dict):
-                return ["corrupt safetensors header (__metadata__ is not an object)"]
-            continue
-        span = _tensor_span(info)
-        if isinstance(span, str):
-            return [f"corrupt safetensors header (tensor {name!r}: {span})"]
-        spans.append(span)
-    spans.sort()
-    end = 0
-    for begin, stop in spans:
-        if begin != end:
-            return [f"corrupt safetensors header (tensor data {'overlaps' if begin < end else 'leaves a gap'} at byte {begin})"]
-        end = stop
-    if end > data_bytes:
-        return [f"truncated safetensors data ({end} bytes declared, {data_bytes} present)"]
-    if end < data_bytes:
-        return [f"corrupt safetensors data ({data_bytes - end} bytes after the last tensor)"]
-    return []
-
-
-def _tensor_span(info: Any) -> tuple[int, int] | str:
-    if not isinstance(info, dict):
-        return "entry is not an object"
-    offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-        return "data_offsets is not a pair of integers"
-    if not 0 <= offsets[0] <= offsets[1]:
-        return f"data_offsets {offsets} are out of order"
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape) or not isinstance(dtype, str):
-        return "shape or dtype is malformed"
-    itemsize = _DTYPE_BYTES.get(dtype)
-    if itemsize is not None and math.prod(shape) * itemsize != offsets[1] - offsets[0]:
-        return f"{offsets[1] - offsets[0]} data bytes for shape {shape} of {dtype}"
-    return offsets[0], offsets[1]

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import _advisor, _inspect
+from . import _advisor, _inspect, _inspect_text, _verify
 from ._economics import recorded_costs
-from ._manifest import MANIFEST_NAME
-from ._readers import latest_checkpoint, verify_checkpoint
+from ._manifest import MANIFEST_NAME, RUN_RECORD_NAME
+from ._readers import latest_checkpoint
 
 PROG = "open-instruct-ckpt"
 OK, FAILED, USAGE = 0, 1, 2
@@ -24,6 +24,7 @@ EPILOG = """exit codes:
   0  success
   1  a check failed: verify found a damaged checkpoint (or, with --load, it did not load);
      inspect found an incomplete checkpoint; latest found no complete checkpoint
+     (a checkpoint that a run prunes while verify checks its output directory is REMOVED, not a failure)
   2  a usage mistake: bad arguments, a path that does not exist, a file where a directory is expected
      (verify instead reports such a path as CORRUPT and goes on checking the others)
 
@@ -84,83 +85,23 @@ def inspect(path: Path, as_json: bool) -> int:
         raise UsageError(f"{PROG} inspect: {path} is an output directory; inspect one of its checkpoints "
                          f"(see: {PROG} list {path})")
     info = _inspect.describe(directory)
-    print(json.dumps(info, indent=2, default=str) if as_json else "\n".join(_inspect_lines(info)))
+    print(json.dumps(info, indent=2, default=str) if as_json else "\n".join(_inspect_text.lines(info)))
     return OK if info["complete"] else FAILED
-
-
-def _inspect_lines(info: dict[str, Any]) -> list[str]:
-    complete = "yes (manifest valid, files present with their sizes)" if info["complete"] else f"no: {info['problem']}"
-    lines = [info["path"], f"  complete:    {complete}", f"  step:        {info['step']}",
-             f"  strategy:    {info['strategy']}"]
-    weights, config = info["weights"], info["config"]
-    if weights:
-        lines.append(f"  weights:     {weights['parameters']:,} parameters in {weights['tensors']} tensors, "
-                     f"dtype {', '.join(weights['dtypes'])}")
-    if config:
-        lines.append(f"  model:       {', '.join(config['architectures'] or ['?'])} ({config['model_type']}), "
-                     f"config dtype {config['dtype']}")
-    if info["adapter"]:
-        adapter = info["adapter"]
-        lines.append(f"  adapter:     {adapter['peft_type']} r={adapter['r']} on {adapter['target_modules']}, "
-                     f"base {adapter['base_model_name_or_path'] or '(not set: AutoPeftModel cannot load it)'}")
-    generation = info["generation_config"]
-    if generation:
-        eos = ", ".join(f"{i} {t!r}" if t is not None else str(i)
-                        for i, t in zip(generation["eos_token_id"], generation["eos_tokens"]))
-        lines.append(f"  generation:  eos_token_id [{eos}], bos {generation['bos_token_id']}, "
-                     f"pad {generation['pad_token_id']}")
-    if info["tokenizer"]:
-        tok = info["tokenizer"]
-        lines.append(f"  tokenizer:   {tok['class']}, vocab {tok['vocab_size']}, eos {tok['eos_token']!r}, "
-                     f"pad {tok['pad_token']!r}")
-    if info["linked_from"]:
-        lines.append(f"  final/:      hard links to {info['linked_from']} (shares its files, not a copy)")
-    elif info["final_links_here"]:
-        lines.append("  final/:      hard links to this checkpoint (shares its files, not a copy)")
-    lines.append(f"  files:       {len(info['files'])}, {_advisor.human_bytes(info['total_bytes'])}")
-    lines += [f"    {name:<40} {_advisor.human_bytes(size):>10}" for name, size in info["files"].items()]
-    return lines
 
 
 # -- verify -----------------------------------------------------------------------------------------
 
 def verify(paths: list[Path], load: bool) -> int:
     """Each path is checked and reported, even after one that is missing or damaged."""
-    checkpoints = [checkpoint for path in paths for checkpoint in _checkpoints_in(path)]
-    failed = 0
-    for path in checkpoints:
-        problems = _not_a_directory(path) or verify_checkpoint(path)
-        if not problems and load:
-            problems = _load_problems(path)
-        print(f"{path}: {'OK' if not problems else 'CORRUPT'}")
-        for problem in problems:
-            print(f"  {problem}")
-        failed += bool(problems)
+    failed = False
+    for verdict in _verify.verdicts(paths, load):
+        if verdict.loaded is not None:
+            print(f"{verdict.path}: loaded {verdict.loaded}")
+        print(f"{verdict.path}: {verdict.status}")
+        for detail in verdict.details:
+            print(f"  {detail}")
+        failed = failed or verdict.failed
     return FAILED if failed else OK
-
-
-def _not_a_directory(path: Path) -> list[str]:
-    if not path.exists():
-        return ["does not exist"]
-    return [] if path.is_dir() else ["is a file, not a directory"]
-
-
-def _checkpoints_in(path: Path) -> list[Path]:
-    """A checkpoint is itself; an output directory stands for each checkpoint directory in it."""
-    if not path.is_dir() or (path / MANIFEST_NAME).exists():
-        return [path]
-    inside = [entry.path for entry in _inspect.list_checkpoints(path) if not entry.name.startswith(".")]
-    return inside or [path]
-
-
-def _load_problems(path: Path) -> list[str]:
-    from ._loadcheck import LoadFailed, load
-
-    try:
-        print(f"{path}: loaded {load(path)}")
-    except LoadFailed as exc:
-        return [f"load failed: {exc}"]
-    return []
 
 
 # -- advise -----------------------------------------------------------------------------------------
@@ -183,8 +124,8 @@ def advise(args: argparse.Namespace) -> int:
     costs = _advisor.Costs(**values)
     try:
         advice = _advisor.advise(costs, current)
-    except ValueError as exc:
-        raise UsageError(f"{PROG} advise: {exc}") from None
+    except _advisor.UnusableCost as exc:
+        raise UsageError(f"{PROG} advise: {exc}{_recorded_by(exc.field, recorded, args)}") from None
     if args.json:
         print(json.dumps(advice.to_dict(), indent=2))
         return OK
@@ -204,6 +145,14 @@ def _given_costs(args: argparse.Namespace) -> dict[str, Any]:
         "failure_probability": args.failure_probability, "total_steps": args.total_steps,
         "keep_last": args.keep_last, "checkpoint_bytes": args.checkpoint_bytes, "current_interval": args.interval,
     }
+
+
+def _recorded_by(field: str | None, recorded: dict[str, Any], args: argparse.Namespace) -> str:
+    """Where a bad value came from, when the run's record gave it and no option overrode it."""
+    if field is None or recorded.get(field) is None or _given_costs(args).get(field) is not None:
+        return ""
+    option = "interval" if field == "current_interval" else field.replace("_", "-")
+    return f" (as {args.run_dir / RUN_RECORD_NAME} recorded it; pass --{option} to override)"
 
 
 def _recorded_costs(run_dir: Path) -> dict[str, Any]:

@@ -91,3 +91,27 @@ def test_advice_table_marks_optimum_and_current():
 def test_unusable_costs_name_the_value(costs, match):
     with pytest.raises(ValueError, match=match):
         optimal_interval(costs)
+
+
+@pytest.mark.parametrize("costs,current,field,match", [
+    (MTBF, 0, "current_interval", r"current interval 0 must be a whole number >= 1"),
+    (MTBF, -5, "current_interval", r"current interval -5 must be a whole number >= 1"),
+    (MTBF, "500", "current_interval", r"current interval '500' must be a whole number"),
+    (Costs(30.0, 2.0, mtbf_hours=24.0, keep_last=-3), None, "keep_last", r"keep last -3 must be a whole number >= 1"),
+    (Costs(30.0, 2.0, mtbf_hours=24.0, keep_last="3"), None, "keep_last", r"keep last '3' must be a whole number"),
+    (Costs(30.0, 2.0, mtbf_hours=24.0, checkpoint_bytes=-1000), None, "checkpoint_bytes",
+     r"checkpoint bytes -1000 must be a whole number >= 0"),
+    (Costs(30.0, 2.0, mtbf_hours=24.0, checkpoint_bytes="many"), None, "checkpoint_bytes", r"checkpoint bytes 'many'"),
+    (Costs(30.0, True, mtbf_hours=24.0), None, "step_seconds", r"step seconds True must be a positive number"),
+    (Costs(float("nan"), 2.0, mtbf_hours=24.0), None, "save_seconds", r"save seconds nan must be a number"),
+    (Costs(1e308, 2.0, mtbf_hours=24.0), None, None, r"overflow.*save seconds 1e\+308.*give the seconds, hours"),
+    (Costs(30.0, 1e-200, mtbf_hours=24.0), None, None, r"overflow.*step seconds 1e-200"),
+    (Costs(30.0, 2.0, mtbf_hours=1e307), None, None, r"overflow.*mtbf hours 1e\+307"),
+    (Costs(30.0, 2.0, failure_probability=0.5, total_steps=10**400), None, None, r"overflow.*total steps 1000"),
+    (Costs(30.0, 2.0, mtbf_hours=24.0, total_steps=100, checkpoint_bytes=10**400), None, None,
+     r"overflow.*checkpoint bytes 1000"),
+])
+def test_every_input_is_checked_and_every_result_is_finite(costs, current, field, match):
+    with pytest.raises(ValueError, match=match) as raised:
+        advise(costs, current)
+    assert getattr(raised.value, "field", "no field") == field  # the CLI names the option that overrides it

@@ -18,6 +18,7 @@ from open_instruct_ckpt._save import SaveSettings, save
 from open_instruct_ckpt.tiny import llama_model, llama_tokenizer
 
 ENTRY_POINT = Path(sys.executable).parent / "open-instruct-ckpt"
+COSTS = ("--save-seconds", 30, "--step-seconds", 2, "--mtbf-hours", 24)  # later options win
 
 
 def cli(*args: object, entry_point: bool = False) -> subprocess.CompletedProcess:
@@ -183,6 +184,13 @@ def test_advise_reads_a_runs_record(run):
      "a failure probability is per run: give the run's total steps too"),
     (("advise", "--save-seconds", "x"), "argument --save-seconds: invalid float value: 'x'"),
     (("frobnicate",), "argument COMMAND: invalid choice: 'frobnicate'"),
+    (("advise", *COSTS, "--interval", 0), "advise: current interval 0 must be a whole number >= 1"),
+    (("advise", *COSTS, "--interval", -5), "advise: current interval -5 must be a whole number >= 1"),
+    (("advise", *COSTS, "--keep-last", -3), "advise: keep last -3 must be a whole number >= 1"),
+    (("advise", *COSTS, "--checkpoint-bytes", -1000), "advise: checkpoint bytes -1000 must be a whole number >= 0"),
+    (("advise", *COSTS, "--save-seconds", 1e308), "save seconds 1e+308, step seconds 2.0, mtbf hours 24.0"),
+    (("advise", *COSTS, "--step-seconds", 1e-200), "is not a finite number (save seconds 30.0, step seconds 1e-200"),
+    (("advise", *COSTS, "--mtbf-hours", 1e307), "is not a finite number (save seconds 30.0, step seconds 2.0, mtbf h"),
     (("verify",), "the following arguments are required: paths"),
 ])
 def test_usage_mistakes_are_one_line(arguments, message):
@@ -216,3 +224,35 @@ def test_advise_without_a_record_names_the_options(tmp_path):
     assert "has no readable record of its saves" in one_line_error(cli("advise", tmp_path))
     (tmp_path / RUN_RECORD_NAME).write_text('{"format": "open_instruct_ckpt-run/1", "saves": [{"step": 1}]}')
     assert "pass --save-seconds and --step-seconds" in one_line_error(cli("advise", tmp_path))
+
+
+@pytest.mark.parametrize("recorded,message", [
+    ({"keep_last": "3"}, "keep last '3' must be a whole number >= 1"),
+    ({"saves": [{"blocking_seconds": 0.5, "bytes": "many"}]}, "checkpoint bytes 'many' must be a whole number"),
+    ({"mean_step_seconds": [2]}, "step seconds [2] must be a positive number"),
+    ({"saves": [{"blocking_seconds": 1e308}, {"blocking_seconds": 1e308}]}, "save seconds inf must be a number"),
+])
+def test_advise_names_a_bad_recorded_value_and_the_option_that_overrides_it(tmp_path, recorded, message):
+    record = {"format": "open_instruct_ckpt-run/1", "mean_step_seconds": 2.0, "mtbf_hours": 24, "total_steps": 100,
+              "current_interval": 10, "keep_last": 2, "saves": [{"blocking_seconds": 0.5, "bytes": 1000}], **recorded}
+    (tmp_path / RUN_RECORD_NAME).write_text(json.dumps(record))
+    error = one_line_error(cli("advise", tmp_path))
+    assert message in error and f"(as {tmp_path / RUN_RECORD_NAME} recorded it; pass --" in error
+
+
+@pytest.mark.parametrize("saves", [5, [{"blocking_seconds": 10**400}]])
+def test_advise_of_a_record_with_unusable_saves_names_the_options(tmp_path, saves):
+    record = {"format": "open_instruct_ckpt-run/1", "mean_step_seconds": 2.0, "saves": saves}
+    (tmp_path / RUN_RECORD_NAME).write_text(json.dumps(record))
+    assert "pass --save-seconds and --step-seconds" in one_line_error(cli("advise", tmp_path))
+
+
+def test_advise_counts_the_checkpoints_the_runs_retention_keeps(tmp_path):
+    tokenizer = llama_tokenizer()
+    callback = CheckpointCallback(FullModel(), keep_last=1, mtbf_hours=24)
+    make_trainer(llama_model(tokenizer), tokenizer, tmp_path, callback, save_steps=1).train()
+    assert json.loads((tmp_path / RUN_RECORD_NAME).read_text())["keep_last"] == 1
+    done = cli("advise", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "disk at the current interval: 1 x " in done.stdout and "disk at the optimum: 1 x " in done.stdout
+    assert "disk at the current interval: 3 x " in cli("advise", tmp_path, "--keep-last", 3).stdout

@@ -12,7 +12,8 @@ import threading
 import pytest
 
 from open_instruct_ckpt import FullModel, complete_checkpoints, latest_checkpoint, verify_checkpoint
-from open_instruct_ckpt._readers import read_manifest, safetensors_header_problems
+from open_instruct_ckpt._readers import read_manifest
+from open_instruct_ckpt._safetensors_header import safetensors_header_problems
 from open_instruct_ckpt._save import SaveSettings, save
 
 READERS = (latest_checkpoint, complete_checkpoints)
