@@ -16,19 +16,17 @@ the next one. After each upload, remote checkpoints that no longer exist locally
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._manifest import MANIFEST_NAME
 from ._readers import complete_checkpoints, read_manifest
 from ._remote import Remote
+from ._upload_job import Job, Skip, Stopped, copy_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -45,23 +43,6 @@ class Retry:
 
     def delay(self, failed_attempts: int) -> float:
         return min(self.first_delay_s * 2 ** (failed_attempts - 1), self.max_delay_s)
-
-
-class _Skip(Exception):
-    """The local checkpoint is gone or was replaced: nothing of it is to be uploaded now."""
-
-
-class _Stopped(Exception):
-    """`stop()` was called while uploading."""
-
-
-@dataclass
-class _Job:
-    name: str
-    path: Path
-    stop: threading.Event
-    manifest_bytes: bytes = b""
-    done: set[str] = field(default_factory=set)
 
 
 class Uploader:
@@ -158,7 +139,7 @@ class Uploader:
                 name, path = self._pending.popitem(last=False)
                 self._busy = True
             try:
-                self._upload_with_retries(_Job(name, path, stop))
+                self._upload_with_retries(Job(name, path, stop))
             except BaseException as exc:  # never let the worker die silently
                 self._fail(name, path, exc)
             finally:
@@ -166,15 +147,15 @@ class Uploader:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _upload_with_retries(self, job: _Job) -> None:
+    def _upload_with_retries(self, job: Job) -> None:
         for attempt in range(1, self.retry.tries + 1):
             try:
                 self._attempt(job)
                 return
-            except _Stopped:
+            except Stopped:
                 return
             except Exception as exc:
-                if isinstance(exc, _Skip) or read_manifest(job.path) is None:
+                if isinstance(exc, Skip) or read_manifest(job.path) is None:
                     logger.debug("Not uploading %s: pruned or replaced locally meanwhile", job.path)
                     with self._cond:
                         self._failed.pop(job.name, None)  # a replacement is queued by its own save
@@ -188,28 +169,11 @@ class Uploader:
                 if job.stop.wait(delay):
                     return
 
-    def _attempt(self, job: _Job) -> None:
+    def _attempt(self, job: Job) -> None:
         started = time.perf_counter()
-        manifest_bytes, manifest = _read_manifest(job.path)
-        if manifest_bytes != job.manifest_bytes:  # first attempt, or replaced since the last one
-            job.manifest_bytes, job.done = manifest_bytes, set()
-        self.remote.remove(f"{job.name}/{MANIFEST_NAME}")
-        sent = 0
-        for relative, entry in sorted(manifest["files"].items()):
-            if relative not in job.done:
-                if job.stop.is_set():
-                    raise _Stopped
-                self.remote.put_file(job.path / relative, f"{job.name}/{relative}", entry)
-                job.done.add(relative)
-                sent += entry["bytes"]
-        for extra in sorted(self.remote.files_of(job.name) - set(manifest["files"]) - {MANIFEST_NAME}):
-            self.remote.remove(f"{job.name}/{extra}")
-        if _read_manifest(job.path)[0] != manifest_bytes:
-            raise _Skip  # replaced while uploading: its own save queued the replacement
-        entry = {"bytes": len(manifest_bytes), "sha256": hashlib.sha256(manifest_bytes).hexdigest()}
-        self.remote.put_bytes(f"{job.name}/{MANIFEST_NAME}", manifest_bytes, entry)
-        logger.info("Uploaded %s to %s: %d bytes in %.2f s", job.path, self.remote.url,
-                    sent + len(manifest_bytes), time.perf_counter() - started)
+        sent = copy_checkpoint(self.remote, job)
+        logger.info("Uploaded %s to %s: %d bytes in %.2f s", job.path, self.remote.url, sent,
+                    time.perf_counter() - started)
         with self._cond:
             self._failed.pop(job.name, None)
         self._prune_remote()
@@ -238,19 +202,6 @@ class Uploader:
         except Exception as exc:
             logger.warning("Pruning old checkpoints under %s failed (%s: %s); retried after the next upload",
                            self.remote.url, type(exc).__name__, exc)
-
-
-def _read_manifest(path: Path) -> tuple[bytes, dict[str, Any]]:
-    """The local manifest's bytes and content, if `path` is a complete checkpoint; raises _Skip otherwise."""
-    manifest = read_manifest(path)
-    try:
-        data = (path / MANIFEST_NAME).read_bytes()
-        same = manifest is not None and json.loads(data) == manifest
-    except (OSError, ValueError):
-        same = False
-    if not same or manifest is None:
-        raise _Skip
-    return data, manifest
 
 
 def _within(path: Path, directory: Path) -> bool:
