@@ -48,14 +48,20 @@ class Retry:
 class Uploader:
     """Uploads checkpoints in the background. Writer-only (rank 0); every method but `open` never raises."""
 
-    def __init__(self, url: Any, storage_options: dict[str, Any] | None, wait_s: float | None) -> None:
+    def __init__(self, url: Any, storage_options: dict[str, Any] | None, wait_s: float | None,
+                 timeout_s: float = 60.0) -> None:
         """Validate the target (raises TypeError/ValueError/ImportError); connects to nothing."""
-        if wait_s is not None and (isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or wait_s <= 0):
+        if wait_s is not None and not _positive(wait_s):
             raise ValueError(
                 f"upload_wait_s={wait_s!r} must be a positive number of seconds, or None to wait as long as it takes"
             )
+        if not _positive(timeout_s):
+            raise ValueError(
+                f"upload_timeout_s={timeout_s!r} must be a positive number of seconds: how long the store may leave "
+                "one request unanswered before train start fails or train end stops waiting (default 60)"
+            )
         self.remote = Remote(url, storage_options)
-        self.wait_s = wait_s
+        self.wait_s, self.timeout_s = wait_s, timeout_s
         self.retry = Retry()
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, Path] = OrderedDict()
@@ -78,7 +84,7 @@ class Uploader:
             raise ValueError(
                 f"upload_to={self.remote.url!r} is output_dir {output_dir} or inside it; choose a directory outside it"
             )
-        self.remote.check_writable()
+        self.remote.check_writable(self.timeout_s)
         self._output_dir, self._keep_last = output_dir, keep_last
         self._stop = threading.Event()
         self._failed.clear()
@@ -202,6 +208,10 @@ class Uploader:
         except Exception as exc:
             logger.warning("Pruning old checkpoints under %s failed (%s: %s); retried after the next upload",
                            self.remote.url, type(exc).__name__, exc)
+
+
+def _positive(seconds: Any) -> bool:
+    return not isinstance(seconds, bool) and isinstance(seconds, (int, float)) and seconds > 0
 
 
 def _within(path: Path, directory: Path) -> bool:

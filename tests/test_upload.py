@@ -1,14 +1,18 @@
 """Uploads to object storage: a real S3-protocol server (moto, on 127.0.0.1) with s3fs as the client.
 
 Faults are injected by wrapping s3fs's one request method (`_call_s3`), which also records the
-order of requests; everything else is real: the server, the HTTP requests, the Trainer.
+order of requests; everything else is real: the server, the HTTP requests, the Trainer. A hung
+store is a real TCP endpoint on 127.0.0.1 that accepts connections and never answers.
 """
 
 import base64
 import json
 import logging
+import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -71,6 +75,59 @@ class Bucket:
 @pytest.fixture
 def bucket(endpoint):
     return Bucket(endpoint)
+
+
+class StallingEndpoint:
+    """A TCP endpoint on 127.0.0.1 that relays to `upstream` (host, port) until `stall()`, at once if there is none.
+
+    Stalled, it is a hung store: it accepts connections and holds them open, never reading a request or answering.
+    """
+
+    def __init__(self, upstream=None):
+        self.upstream, self.stalled, self.held = upstream, threading.Event(), []
+        if upstream is None:
+            self.stalled.set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self):
+        self.stalled.set()
+
+    def close(self):
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        for sock in [self.listener, *self.held]:
+            sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(client)
+            if not self.stalled.is_set():
+                server = socket.create_connection(self.upstream)
+                self.held.append(server)
+                threading.Thread(target=self._relay, args=(client, server, True), daemon=True).start()
+                threading.Thread(target=self._relay, args=(server, client, False), daemon=True).start()
+
+    def _relay(self, source, sink, request):
+        try:
+            while data := source.recv(65536):
+                if request and self.stalled.is_set():
+                    return  # the request is never passed on, nor the connection closed
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def hung():
+    stalling = StallingEndpoint()
+    yield stalling
+    stalling.close()
 
 
 def s3_callback(bucket, **kwargs):
@@ -316,6 +373,25 @@ def test_a_missing_bucket_is_refused_before_training(tmp_path, tokenizer, llama,
     assert "step_2" in bucket.tree()
 
 
+def test_a_store_that_never_answers_fails_the_start_within_upload_timeout_s(tmp_path, tokenizer, llama, bucket,
+                                                                           hung):
+    options = dict(bucket.options, client_kwargs={"endpoint_url": hung.url})
+    callback = CheckpointCallback(FullModel(), upload_to=bucket.url(), upload_storage_options=options,
+                                  upload_timeout_s=2)
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=rf"upload_to='{bucket.url()}': {re.escape(hung.url)} did not answer "
+                                              r"within upload_timeout_s=2 s \(writing a probe object\); check that the "
+                                              r"endpoint is up and reachable, or raise upload_timeout_s\. Nothing was"):
+        trainer.train()
+    took = time.monotonic() - started
+    print(f"hung endpoint: train() raised after {took:.2f} s (upload_timeout_s=2)")
+    assert took < 2 + 5 and hung.held  # the endpoint was reached and never answered
+    assert trainer.state.global_step == 0 and entries(tmp_path) == set()
+    make_trainer(llama, tokenizer, tmp_path, s3_callback(bucket), max_steps=2).train()  # the lock was released
+    assert "step_2" in bucket.tree()
+
+
 @pytest.mark.parametrize("url, error, message", [
     ("nosuchproto://bucket/run", ValueError, r"fsspec knows no protocol 'nosuchproto'; use s3://bucket/prefix"),
     ("s3://", ValueError, r"upload_to='s3://' names no bucket or directory"),
@@ -331,6 +407,10 @@ def test_bad_upload_options_are_refused_at_construction(tmp_path):
         CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_storage_options="key=x")
     with pytest.raises(ValueError, match=r"upload_wait_s=0 must be a positive number of seconds, or None"):
         CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_wait_s=0)
+    for timeout in (0, -1, None, True, "60"):
+        with pytest.raises(ValueError, match=rf"upload_timeout_s={re.escape(repr(timeout))} must be a positive number "
+                                             r"of seconds: how long the store may leave one request unanswered"):
+            CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_timeout_s=timeout)
 
 
 _WITHOUT_S3FS = """
@@ -411,3 +491,4 @@ def test_train_end_waits_at_most_upload_wait_s_and_never_leaves_a_manifest(tmp_p
     assert "upload_wait_s=0.5 s" in warning and "copy them by hand, checkpoint.json last" in warning
     assert not (tmp_path / "remote" / "final" / "checkpoint.json").exists()
     assert json.loads((tmp_path / "remote" / "step_4" / "checkpoint.json").read_text())["step"] == 4
+
