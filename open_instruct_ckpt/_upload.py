@@ -12,6 +12,9 @@ locally in the meantime is skipped (a replacement is queued by its own save). Fa
 retried with bounded exponential backoff, then reported; a failed checkpoint is tried again with
 the next one. After each upload, remote checkpoints that no longer exist locally are deleted
 (only when `keep_last` prunes locally). Nothing here raises into training or touches local files.
+
+The worker records the checkpoint it uploads and its remote operation in flight (`activity`), so
+that train end can name what it abandons.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 from ._readers import complete_checkpoints, read_manifest
 from ._remote import Remote
-from ._upload_job import Job, Skip, Stopped, copy_checkpoint
+from ._upload_job import Activity, Job, Skip, Stopped, copy_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,9 @@ class Uploader:
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, Path] = OrderedDict()
         self._failed: dict[str, tuple[Path, str]] = {}
-        self._busy = False
+        self._busy = False  # the worker has a checkpoint (uploading it, pruning after it, or waiting to retry)
+        self._current: str | None = None  # the checkpoint it is uploading
+        self._activity: Activity | None = None  # its remote operation in flight
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._output_dir: Path | None = None
@@ -75,6 +80,11 @@ class Uploader:
     @property
     def is_open(self) -> bool:
         return self._output_dir is not None
+
+    @property
+    def activity(self) -> Activity | None:
+        """The worker's remote operation in flight, or None: what a stalled upload waits for, and how long."""
+        return self._activity
 
     def open(self, output_dir: Path, keep_last: int | None) -> None:
         """on_train_begin, writer: check the target is writable (raises CheckpointError naming the fix)."""
@@ -107,12 +117,11 @@ class Uploader:
             return
         with self._cond:
             drained = self._cond.wait_for(lambda: not self._pending and not self._busy, self.wait_s)
-            pending, failed = list(self._pending), dict(self._failed)
+            unfinished, failed = self._unfinished(), dict(self._failed)
         if not drained:
             logger.warning(
-                "Uploads to %s did not finish within upload_wait_s=%s s; abandoned: %s (and the one in progress). "
-                "The local checkpoints are complete: copy them by hand, checkpoint.json last",
-                self.remote.url, self.wait_s, ", ".join(pending) or "none queued",
+                "Uploads to %s did not finish within upload_wait_s=%s s; not uploaded: %s. The local checkpoints "
+                "are complete: copy them by hand, checkpoint.json last", self.remote.url, self.wait_s, unfinished,
             )
         if failed:
             logger.warning(
@@ -123,11 +132,25 @@ class Uploader:
         elif drained:
             logger.info("Every checkpoint is uploaded to %s", self.remote.url)
 
+    def _unfinished(self) -> str:
+        """Under the lock: what is not uploaded, the checkpoint in progress (and its operation, if any) first."""
+        names = []
+        if self._current is not None:
+            activity = self._activity
+            doing = f": {activity.describe()}" if activity is not None and activity.checkpoint == self._current else ""
+            names.append(f"{self._current} (in progress{doing})")
+        names += [f"{name} (queued)" for name in self._pending]
+        return ", ".join(names) or "nothing"
+
     def stop(self) -> None:
-        """Stop the worker between two files (an unfinished upload has no remote manifest)."""
+        """Stop the worker between two files (an unfinished upload has no remote manifest).
+
+        A worker still running after the join touches nothing of this uploader's state (see `_update`).
+        """
         self._stop.set()
         with self._cond:
             self._pending.clear()
+            self._busy, self._current, self._activity = False, None, None
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(_JOIN_S)
@@ -143,15 +166,21 @@ class Uploader:
                 if stop.is_set():
                     return
                 name, path = self._pending.popitem(last=False)
-                self._busy = True
+                self._busy, self._current = True, name
             try:
-                self._upload_with_retries(Job(name, path, stop))
+                self._upload_with_retries(Job(name, path, stop, lambda doing: self._update(stop, _activity=doing)))
             except BaseException as exc:  # never let the worker die silently
                 self._fail(name, path, exc)
             finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                self._update(stop, _busy=False, _current=None, _activity=None)
+
+    def _update(self, stop: threading.Event, **fields: Any) -> None:
+        """Set the worker's state fields, unless `stop()` abandoned this worker (a new one may be running)."""
+        with self._cond:
+            if not stop.is_set():
+                for name, value in fields.items():
+                    setattr(self, name, value)
+            self._cond.notify_all()
 
     def _upload_with_retries(self, job: Job) -> None:
         for attempt in range(1, self.retry.tries + 1):
@@ -182,7 +211,8 @@ class Uploader:
                     time.perf_counter() - started)
         with self._cond:
             self._failed.pop(job.name, None)
-        self._prune_remote()
+        self._update(job.stop, _current=None)
+        self._prune_remote(job)
 
     def _fail(self, name: str, path: Path, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
@@ -194,16 +224,20 @@ class Uploader:
             path, self.remote.url, self.retry.tries, reason,
         )
 
-    def _prune_remote(self) -> None:
+    def _prune_remote(self, job: Job) -> None:
         """Delete remote checkpoints that `keep_last` pruned locally; best-effort, retried after each upload."""
-        if self._keep_last is None or self._output_dir is None:
+        output_dir = self._output_dir
+        if self._keep_last is None or output_dir is None:
             return
-        local = {manifest.get("name") for _, manifest in complete_checkpoints(self._output_dir)}
+        local = {manifest.get("name") for _, manifest in complete_checkpoints(output_dir)}
         try:
             with self._cond:
                 queued = set(self._pending)
-            for name in sorted(self.remote.checkpoint_names() - local - queued):
-                self.remote.remove_checkpoint(name)
+            with job.doing("listing the checkpoints under the prefix"):
+                names = self.remote.checkpoint_names()
+            for name in sorted(names - local - queued):
+                with job.doing(f"deleting {name}/ (keep_last)", checkpoint=name):
+                    self.remote.remove_checkpoint(name)
                 logger.info("Removed %s from %s: it no longer exists locally (keep_last)", name, self.remote.url)
         except Exception as exc:
             logger.warning("Pruning old checkpoints under %s failed (%s: %s); retried after the next upload",

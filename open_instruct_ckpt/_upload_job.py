@@ -1,6 +1,8 @@
-"""One checkpoint's copy to the upload target, manifest last.
+"""One checkpoint's copy to the upload target, manifest last, and a record of what it is doing.
 
-`copy_checkpoint` runs one attempt of steps 1-3 in `_upload`'s docstring.
+`copy_checkpoint` runs one attempt of steps 1-3 in `_upload`'s docstring. Every remote operation of
+a job runs inside `job.doing(...)`, which hands the uploader an `Activity` (which checkpoint, what
+operation on which object, since when) for as long as it runs: train end names it when it gives up.
 """
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,18 @@ from typing import Any
 from ._manifest import MANIFEST_NAME
 from ._readers import read_manifest
 from ._remote import Remote
+
+
+@dataclass
+class Activity:
+    """A remote operation in flight: for which checkpoint, what (naming the object), since when."""
+
+    checkpoint: str
+    what: str  # "uploading step_4/model.safetensors (1234 bytes)"
+    started: float = field(default_factory=time.monotonic)
+
+    def describe(self) -> str:
+        return f"{self.what}, {time.monotonic() - self.started:.1f} s so far"
 
 
 class Skip(Exception):
@@ -27,13 +44,23 @@ class Stopped(Exception):
 
 @dataclass
 class Job:
-    """One queued checkpoint."""
+    """One queued checkpoint; `record` tells the uploader which remote operation is in flight (None: none)."""
 
     name: str
     path: Path
     stop: threading.Event
+    record: Callable[[Activity | None], None]
     manifest_bytes: bytes = b""
     done: set[str] = field(default_factory=set)
+
+    @contextmanager
+    def doing(self, what: str, checkpoint: str | None = None) -> Iterator[Activity]:
+        activity = Activity(checkpoint or self.name, what)
+        self.record(activity)
+        try:
+            yield activity
+        finally:
+            self.record(None)
 
 
 def copy_checkpoint(remote: Remote, job: Job) -> int:
@@ -44,14 +71,19 @@ def copy_checkpoint(remote: Remote, job: Job) -> int:
     manifest_bytes, manifest = read_local_manifest(job.path)
     if manifest_bytes != job.manifest_bytes:  # first attempt, or replaced since the last one
         job.manifest_bytes, job.done = manifest_bytes, set()
-    remote.remove(f"{job.name}/{MANIFEST_NAME}")
+    with job.doing(f"deleting {job.name}/{MANIFEST_NAME}"):
+        remote.remove(f"{job.name}/{MANIFEST_NAME}")
     sent = _send_files(remote, job, manifest["files"])
-    for extra in sorted(remote.files_of(job.name) - set(manifest["files"]) - {MANIFEST_NAME}):
-        remote.remove(f"{job.name}/{extra}")
+    with job.doing(f"listing {job.name}/"):
+        extras = remote.files_of(job.name) - set(manifest["files"]) - {MANIFEST_NAME}
+    for extra in sorted(extras):
+        with job.doing(f"deleting {job.name}/{extra} (not in the manifest)"):
+            remote.remove(f"{job.name}/{extra}")
     if read_local_manifest(job.path)[0] != manifest_bytes:
         raise Skip  # replaced while uploading: its own save queued the replacement
     entry = {"bytes": len(manifest_bytes), "sha256": hashlib.sha256(manifest_bytes).hexdigest()}
-    remote.put_bytes(f"{job.name}/{MANIFEST_NAME}", manifest_bytes, entry)
+    with job.doing(f"uploading {job.name}/{MANIFEST_NAME}"):
+        remote.put_bytes(f"{job.name}/{MANIFEST_NAME}", manifest_bytes, entry)
     return sent + len(manifest_bytes)
 
 
@@ -62,7 +94,8 @@ def _send_files(remote: Remote, job: Job, files: dict[str, Any]) -> int:
         if relative not in job.done:
             if job.stop.is_set():
                 raise Stopped
-            remote.put_file(job.path / relative, f"{job.name}/{relative}", entry)
+            with job.doing(f"uploading {job.name}/{relative} ({entry['bytes']} bytes)"):
+                remote.put_file(job.path / relative, f"{job.name}/{relative}", entry)
             job.done.add(relative)
             sent += entry["bytes"]
     return sent

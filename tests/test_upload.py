@@ -489,6 +489,8 @@ def test_train_end_waits_at_most_upload_wait_s_and_never_leaves_a_manifest(tmp_p
     assert time.monotonic() - started < 20
     [warning] = [m for m in messages(caplog, logging.WARNING) if "did not finish" in m]
     assert "upload_wait_s=0.5 s" in warning and "copy them by hand, checkpoint.json last" in warning
+    # the one in progress is named, with the file it was on
+    assert re.search(r"not uploaded: (step_4|final) \(in progress: uploading \1/[\w.]+ \(\d+ bytes\)", warning), warning
     assert not (tmp_path / "remote" / "final" / "checkpoint.json").exists()
     assert json.loads((tmp_path / "remote" / "step_4" / "checkpoint.json").read_text())["step"] == 4
 
