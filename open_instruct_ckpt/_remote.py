@@ -10,7 +10,8 @@ and only the size is compared afterwards. Other stores (a local directory, `file
 sha256: size only. Nothing is downloaded again.
 
 Remote calls made on the training path are bounded: `check_writable` gives the store
-`upload_timeout_s` to answer (see `bounded`).
+`upload_timeout_s` to answer (see `bounded`), and uploads report progress, so that train end can
+tell a hung store from a large file.
 """
 
 from __future__ import annotations
@@ -101,14 +102,19 @@ class Remote:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def put_file(self, local: Path, relative: str, entry: dict[str, Any]) -> None:
-        """Upload one file to `<root>/<relative>` and check it against its manifest `entry`."""
+    def put_file(self, local: Path, relative: str, entry: dict[str, Any],
+                 progress: Callable[[], None] | None = None) -> None:
+        """Upload one file to `<root>/<relative>` and check it against its manifest `entry`.
+
+        `progress()` is called whenever the store has taken more of the file, where the filesystem says so
+        (s3fs: after each part of a multipart upload); a single PUT or a local copy says nothing until done.
+        """
         target = self.path(relative)
         if self.is_s3 and entry["bytes"] < SINGLE_PUT_BYTES:
             self._s3_put(target, local.read_bytes())
         else:
             self._make_parent(target)
-            self.fs.put_file(str(local), target)
+            self.fs.put_file(str(local), target, callback=_callback(progress))
         self.verify(target, entry)
 
     def put_bytes(self, relative: str, data: bytes, entry: dict[str, Any]) -> None:
@@ -216,6 +222,12 @@ def bounded(call: Callable[[], Any], timeout_s: float) -> Any:
     if not returned:
         raise value
     return value
+
+
+def _callback(progress: Callable[[], None] | None) -> Any:
+    """An fsspec callback that calls `progress()` on every update (fsspec passes it size and value)."""
+    hooks = {} if progress is None else {"progress": lambda *_, **__: progress()}
+    return _fsspec().callbacks.Callback(hooks=hooks)
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

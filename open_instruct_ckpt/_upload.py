@@ -13,8 +13,9 @@ retried with bounded exponential backoff, then reported; a failed checkpoint is 
 the next one. After each upload, remote checkpoints that no longer exist locally are deleted
 (only when `keep_last` prunes locally). Nothing here raises into training or touches local files.
 
-The worker records the checkpoint it uploads and its remote operation in flight (`activity`), so
-that train end can name what it abandons.
+Nothing here waits on the store without a bound: `open` gives the start-up probe `timeout_s`;
+`finish` (train end) stops waiting when the worker's remote operation has shown no progress for
+`timeout_s`, or after `wait_s`; `stop` never joins a worker that is inside a remote operation. The worker records that operation (`activity`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from ._upload_job import Activity, Job, Skip, Stopped, copy_checkpoint
 
 logger = logging.getLogger(__name__)
 
-_JOIN_S = 10.0
+_JOIN_S = 10.0  # stop() joins an idle worker (it returns at once); a busy one is not waited for
+_POLL_S = 0.2  # train end's wait looks at the worker and the clock this often
 
 
 @dataclass
@@ -112,25 +114,42 @@ class Uploader:
             self._cond.notify_all()
 
     def finish(self) -> None:
-        """Train end: wait, at most `wait_s`, for the queue to drain; then report what is not uploaded."""
+        """Train end: wait for the queue to drain; then report what is not uploaded.
+
+        The wait ends early when the worker's remote operation has shown no progress for `timeout_s`, and
+        after `wait_s` at most.
+        """
         if not self.is_open:
             return
+        why = self._wait()
         with self._cond:
-            drained = self._cond.wait_for(lambda: not self._pending and not self._busy, self.wait_s)
             unfinished, failed = self._unfinished(), dict(self._failed)
-        if not drained:
-            logger.warning(
-                "Uploads to %s did not finish within upload_wait_s=%s s; not uploaded: %s. The local checkpoints "
-                "are complete: copy them by hand, checkpoint.json last", self.remote.url, self.wait_s, unfinished,
-            )
+        if why is not None:
+            logger.warning("%s; not uploaded: %s. The local checkpoints are complete: copy them by hand, "
+                           "checkpoint.json last", why, unfinished)
         if failed:
             logger.warning(
                 "Not uploaded to %s: %s. The local checkpoints are complete and untouched; copy them by hand, "
                 "checkpoint.json last", self.remote.url,
                 "; ".join(f"{name} ({reason})" for name, (_, reason) in failed.items()),
             )
-        elif drained:
+        elif why is None:
             logger.info("Every checkpoint is uploaded to %s", self.remote.url)
+
+    def _wait(self) -> str | None:
+        """None once the queue is drained; else why train end stops waiting."""
+        deadline = None if self.wait_s is None else time.monotonic() + self.wait_s
+        with self._cond:
+            while self._pending or self._busy:
+                stuck = self._activity
+                if stuck is not None and stuck.silent_s() >= self.timeout_s:
+                    return (f"Uploads to {self.remote.url} stopped waiting: {self.remote.endpoint} has not answered "
+                            f"for {stuck.silent_s():.0f} s (upload_timeout_s={self.timeout_s}) while {stuck.what}")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return f"Uploads to {self.remote.url} did not finish within upload_wait_s={self.wait_s} s"
+                self._cond.wait(_POLL_S if left is None else min(_POLL_S, left))
+        return None
 
     def _unfinished(self) -> str:
         """Under the lock: what is not uploaded, the checkpoint in progress (and its operation, if any) first."""
@@ -143,16 +162,18 @@ class Uploader:
         return ", ".join(names) or "nothing"
 
     def stop(self) -> None:
-        """Stop the worker between two files (an unfinished upload has no remote manifest).
+        """Stop the worker between two remote operations (an unfinished upload has no remote manifest).
 
-        A worker still running after the join touches nothing of this uploader's state (see `_update`).
+        A worker inside a remote operation is not waited for: it may hang, and it cannot be interrupted. It
+        stops after that operation, touching nothing of this uploader's state (see `_update`).
         """
         self._stop.set()
         with self._cond:
+            busy = self._busy
             self._pending.clear()
             self._busy, self._current, self._activity = False, None, None
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if not busy and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(_JOIN_S)
         self._thread, self._output_dir = None, None
 
@@ -236,6 +257,8 @@ class Uploader:
             with job.doing("listing the checkpoints under the prefix"):
                 names = self.remote.checkpoint_names()
             for name in sorted(names - local - queued):
+                if job.stop.is_set():
+                    return
                 with job.doing(f"deleting {name}/ (keep_last)", checkpoint=name):
                     self.remote.remove_checkpoint(name)
                 logger.info("Removed %s from %s: it no longer exists locally (keep_last)", name, self.remote.url)

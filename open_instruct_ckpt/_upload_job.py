@@ -2,7 +2,8 @@
 
 `copy_checkpoint` runs one attempt of steps 1-3 in `_upload`'s docstring. Every remote operation of
 a job runs inside `job.doing(...)`, which hands the uploader an `Activity` (which checkpoint, what
-operation on which object, since when) for as long as it runs: train end names it when it gives up.
+operation on which object, since when, when the store last showed progress) for as long as it
+runs: train end bounds the wait by it and names it when it gives up.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ class Activity:
     checkpoint: str
     what: str  # "uploading step_4/model.safetensors (1234 bytes)"
     started: float = field(default_factory=time.monotonic)
+    answered: float = 0.0  # time.monotonic() of the store's last sign of progress
+
+    def __post_init__(self) -> None:
+        self.answered = self.answered or self.started
+
+    def progressed(self) -> None:
+        self.answered = time.monotonic()
+
+    def silent_s(self) -> float:
+        return time.monotonic() - self.answered
 
     def describe(self) -> str:
         return f"{self.what}, {time.monotonic() - self.started:.1f} s so far"
@@ -81,6 +92,8 @@ def copy_checkpoint(remote: Remote, job: Job) -> int:
             remote.remove(f"{job.name}/{extra}")
     if read_local_manifest(job.path)[0] != manifest_bytes:
         raise Skip  # replaced while uploading: its own save queued the replacement
+    if job.stop.is_set():
+        raise Stopped  # abandoned: it gets no manifest
     entry = {"bytes": len(manifest_bytes), "sha256": hashlib.sha256(manifest_bytes).hexdigest()}
     with job.doing(f"uploading {job.name}/{MANIFEST_NAME}"):
         remote.put_bytes(f"{job.name}/{MANIFEST_NAME}", manifest_bytes, entry)
@@ -94,8 +107,8 @@ def _send_files(remote: Remote, job: Job, files: dict[str, Any]) -> int:
         if relative not in job.done:
             if job.stop.is_set():
                 raise Stopped
-            with job.doing(f"uploading {job.name}/{relative} ({entry['bytes']} bytes)"):
-                remote.put_file(job.path / relative, f"{job.name}/{relative}", entry)
+            with job.doing(f"uploading {job.name}/{relative} ({entry['bytes']} bytes)") as activity:
+                remote.put_file(job.path / relative, f"{job.name}/{relative}", entry, activity.progressed)
             job.done.add(relative)
             sent += entry["bytes"]
     return sent

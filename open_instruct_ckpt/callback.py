@@ -68,7 +68,7 @@ class CheckpointCallback(TrainerCallback):
         upload_storage_options: fsspec options for `upload_to` (for S3: `key`, `secret`, `client_kwargs`).
         upload_wait_s: how long train end waits for the last uploads; None waits as long as they take.
         upload_timeout_s: how long the store may leave a request unanswered (60 s): the start-up probe
-            fails after it.
+            fails after it, and train end stops waiting for an upload that shows no progress for it.
         mtbf_hours / failure_probability: the failure rate (mean time between failures, or the chance
             this run fails); with either, the optimal save interval is logged and recorded with the run.
         save_interval: "trainer" (the Trainer's `save_steps`) or "auto" (re-chosen from measured save

@@ -130,6 +130,13 @@ def hung():
     stalling.close()
 
 
+@pytest.fixture
+def relay(endpoint):
+    stalling = StallingEndpoint(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+    yield stalling
+    stalling.close()
+
+
 def s3_callback(bucket, **kwargs):
     callback = CheckpointCallback(FullModel(), upload_to=bucket.url(), upload_storage_options=bucket.options, **kwargs)
     callback._held.uploader.retry = FAST
@@ -493,4 +500,33 @@ def test_train_end_waits_at_most_upload_wait_s_and_never_leaves_a_manifest(tmp_p
     assert re.search(r"not uploaded: (step_4|final) \(in progress: uploading \1/[\w.]+ \(\d+ bytes\)", warning), warning
     assert not (tmp_path / "remote" / "final" / "checkpoint.json").exists()
     assert json.loads((tmp_path / "remote" / "step_4" / "checkpoint.json").read_text())["step"] == 4
+
+
+def test_train_end_stops_waiting_for_an_upload_stuck_on_a_store_that_stopped_answering(tmp_path, tokenizer, llama,
+                                                                                       bucket, relay, monkeypatch,
+                                                                                       caplog):
+    options = dict(bucket.options, client_kwargs={"endpoint_url": relay.url})
+    callback = CheckpointCallback(FullModel(), upload_to=bucket.url(), upload_storage_options=options,
+                                  upload_wait_s=30, upload_timeout_s=2)
+    stalled_at = []
+
+    def stall_at_the_weights(method, kwargs):  # the start-up probe and the first files get through
+        if method == "put_object" and kwargs["Key"] == "run/step_2/model.safetensors" and not stalled_at:
+            relay.stall()
+            stalled_at.append(time.monotonic())
+
+    record_requests(monkeypatch, callback, stall_at_the_weights)
+    with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
+        make_trainer(llama, tokenizer, tmp_path / "out", callback).train()
+    took = time.monotonic() - stalled_at[0]
+    print(f"stuck upload: train() returned {took:.2f} s after the store stopped answering (upload_timeout_s=2)")
+
+    assert took < 2 + 8  # not upload_wait_s=30
+    [warning] = [m for m in messages(caplog, logging.WARNING) if "stopped waiting" in m]
+    assert f"{relay.url} has not answered for " in warning and "(upload_timeout_s=2)" in warning
+    assert "while uploading step_2/model.safetensors" in warning
+    assert "not uploaded: step_2 (in progress: uploading step_2/model.safetensors" in warning
+    assert "step_4 (queued), final (queued)" in warning and "copy them by hand, checkpoint.json last" in warning
+    assert "checkpoint.json" not in bucket.tree()["step_2"]
+    assert all(verify_checkpoint(tmp_path / "out" / name) == [] for name in ("step_2", "step_4", "final"))
 
