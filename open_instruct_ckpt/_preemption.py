@@ -59,6 +59,7 @@ class PreemptionWatch:
     def __init__(self, signals: Sequence[Any]) -> None:
         self.signals = parse_signals(signals)
         self.requested = False
+        self._received = self._answered = 0  # signals handled this run; those a step end stopped training for
         self._previous: dict[int, Any] = {}
         self._loop: tuple[int, Any] | None = None  # (id, code) of the training loop's frame, when under a Trainer
         self._pid = os.getpid()
@@ -70,7 +71,7 @@ class PreemptionWatch:
             return
         if _installed is not None:
             _installed.uninstall()
-        self.requested = False
+        self.requested, self._received, self._answered = False, 0, 0
         self._loop, self._pid = _training_loop(sys._getframe(1)), os.getpid()
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -93,12 +94,24 @@ class PreemptionWatch:
             signal.raise_signal(signum)
             return
         self.requested = True
+        self._received += 1
 
     def agreed(self) -> bool:
         """Collective (when signals are watched): True on every rank if any rank was signalled."""
         if not self.signals:
             return False
-        return any_rank(self.requested)
+        agreed = any_rank(self.requested)
+        if agreed:
+            self._answered = self._received  # training stops for these
+        return agreed
+
+    def unanswered(self) -> bool:
+        """True once this rank got a signal that no step end stopped training for: one during train end.
+
+        Train end's upload wait polls it, so that a signal (kill, scancel) ends the wait at once, while the
+        signal that stopped training is answered by that stop and leaves the wait to run.
+        """
+        return self._received > self._answered
 
 
 def _training_loop(frame: Any) -> tuple[int, Any] | None:

@@ -15,7 +15,8 @@ the next one. After each upload, remote checkpoints that no longer exist locally
 
 Nothing here waits on the store without a bound: `open` gives the start-up probe `timeout_s`;
 `finish` (train end) stops waiting when the worker's remote operation has shown no progress for
-`timeout_s`, or after `wait_s`; `stop` never joins a worker that is inside a remote operation. The worker records that operation (`activity`).
+`timeout_s`, when `stop_when()` turns True (a preemption signal), or after `wait_s`; `stop` never
+joins a worker that is inside a remote operation. The worker records that operation (`activity`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from ._upload_job import Activity, Job, Skip, Stopped, copy_checkpoint
 logger = logging.getLogger(__name__)
 
 _JOIN_S = 10.0  # stop() joins an idle worker (it returns at once); a busy one is not waited for
-_POLL_S = 0.2  # train end's wait looks at the worker and the clock this often
+_POLL_S = 0.2  # train end's wait looks at stop_when, the worker and the clock this often
 
 
 @dataclass
@@ -113,15 +115,15 @@ class Uploader:
                 self._thread.start()
             self._cond.notify_all()
 
-    def finish(self) -> None:
+    def finish(self, stop_when: Callable[[], bool] = lambda: False) -> None:
         """Train end: wait for the queue to drain; then report what is not uploaded.
 
-        The wait ends early when the worker's remote operation has shown no progress for `timeout_s`, and
-        after `wait_s` at most.
+        The wait ends early: at once when `stop_when()` (polled a few times a second) turns True, when the
+        worker's remote operation has shown no progress for `timeout_s`, and after `wait_s` at most.
         """
         if not self.is_open:
             return
-        why = self._wait()
+        why = self._wait(stop_when)
         with self._cond:
             unfinished, failed = self._unfinished(), dict(self._failed)
         if why is not None:
@@ -136,11 +138,13 @@ class Uploader:
         elif why is None:
             logger.info("Every checkpoint is uploaded to %s", self.remote.url)
 
-    def _wait(self) -> str | None:
+    def _wait(self, stop_when: Callable[[], bool]) -> str | None:
         """None once the queue is drained; else why train end stops waiting."""
         deadline = None if self.wait_s is None else time.monotonic() + self.wait_s
         with self._cond:
             while self._pending or self._busy:
+                if stop_when():
+                    return f"A preemption signal ended train end's wait for uploads to {self.remote.url}"
                 stuck = self._activity
                 if stuck is not None and stuck.silent_s() >= self.timeout_s:
                     return (f"Uploads to {self.remote.url} stopped waiting: {self.remote.endpoint} has not answered "

@@ -67,6 +67,7 @@ class CheckpointCallback(TrainerCallback):
             checkpoint there in the background, manifest last (needs `pip install "open_instruct_ckpt[s3]"`).
         upload_storage_options: fsspec options for `upload_to` (for S3: `key`, `secret`, `client_kwargs`).
         upload_wait_s: how long train end waits for the last uploads; None waits as long as they take.
+            A preemption signal during that wait ends it at once.
         upload_timeout_s: how long the store may leave a request unanswered (60 s): the start-up probe
             fails after it, and train end stops waiting for an upload that shows no progress for it.
         mtbf_hours / failure_probability: the failure rate (mean time between failures, or the chance
@@ -206,7 +207,7 @@ class CheckpointCallback(TrainerCallback):
             if not self.preempted and state.global_step >= state.max_steps:
                 self._upload(self._save_final(args, state, kwargs["model"]))
             if self._held.uploader is not None:
-                self._held.uploader.finish()
+                self._held.uploader.finish(stop_when=self._held.watch.unanswered)  # a signal ends the wait
             if args.should_save:
                 self._economics.finish(state.max_steps, self._policy.schedule.current_interval(args, state))
         finally:

@@ -9,6 +9,7 @@ import base64
 import json
 import logging
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -530,3 +531,62 @@ def test_train_end_stops_waiting_for_an_upload_stuck_on_a_store_that_stopped_ans
     assert "checkpoint.json" not in bucket.tree()["step_2"]
     assert all(verify_checkpoint(tmp_path / "out" / name) == [] for name in ("step_2", "step_4", "final"))
 
+
+def test_a_signal_during_the_train_end_upload_wait_ends_it_at_once(tmp_path, tokenizer, llama, monkeypatch, caplog):
+    callback = CheckpointCallback(FullModel(), upload_to=str(tmp_path / "remote"), upload_wait_s=30,
+                                  preemption_signals=(signal.SIGUSR1,))
+    fs = callback._held.uploader.remote.fs
+    real_put, release, signalled_at = fs.put_file, threading.Event(), []
+
+    def kill():  # as `kill -USR1` from outside, while train end waits for final/
+        signalled_at.append(time.monotonic())
+        signal.raise_signal(signal.SIGUSR1)
+
+    def slow_put(local, remote, **kwargs):  # a slow store: each file of final/ takes a minute
+        if "/final/" in remote:
+            if not signalled_at:
+                threading.Timer(0.5, kill).start()
+            release.wait(60)
+        return real_put(local, remote, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", slow_put)
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = make_trainer(llama, tokenizer, tmp_path / "out", callback)
+    try:
+        with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
+            trainer.train()
+        took = time.monotonic() - signalled_at[0]
+    finally:
+        release.set()
+    print(f"signal during the upload wait: train() returned {took:.2f} s after it")
+
+    assert took < 2  # not upload_wait_s=30
+    assert trainer.state.global_step == 4 and signal.getsignal(signal.SIGUSR1) == before
+    [warning] = [m for m in messages(caplog, logging.WARNING) if "preemption signal" in m]
+    assert re.search(r"not uploaded: final \(in progress: uploading final/[\w.]+ \(\d+ bytes\), [\d.]+ s so far\)\. "
+                     r"The local checkpoints are complete", warning), warning
+    assert json.loads((tmp_path / "remote" / "step_4" / "checkpoint.json").read_text())["step"] == 4
+    assert not (tmp_path / "remote" / "final" / "checkpoint.json").exists()
+    assert all(verify_checkpoint(tmp_path / "out" / name) == [] for name in ("step_2", "step_4", "final"))
+
+
+def test_the_signal_that_stopped_training_leaves_the_upload_wait_to_run(tmp_path, tokenizer, llama, monkeypatch):
+    class SignalDuringStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                signal.raise_signal(signal.SIGUSR1)
+
+    callback = CheckpointCallback(FullModel(), upload_to=str(tmp_path / "remote"), preemption_signals=(signal.SIGUSR1,))
+    fs = callback._held.uploader.remote.fs
+    real_put = fs.put_file
+
+    def slow_put(local, remote, **kwargs):  # step_2's upload still runs when train end starts to wait
+        time.sleep(0.2)
+        return real_put(local, remote, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", slow_put)
+    trainer = make_trainer(llama, tokenizer, tmp_path / "out", callback, max_steps=10, save_steps=100)
+    trainer.add_callback(SignalDuringStep2())
+    trainer.train()
+    assert callback.preempted and trainer.state.global_step == 2
+    assert json.loads((tmp_path / "remote" / "step_2" / "checkpoint.json").read_text())["step"] == 2
