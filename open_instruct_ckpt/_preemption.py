@@ -63,6 +63,7 @@ class PreemptionWatch:
     def __init__(self, signals: Sequence[Any]) -> None:
         self.signals = parse_signals(signals)
         self.requested = False
+        self._received = self._answered = 0  # signals handled this run; those a step end stopped training for
         self._loop: tuple[int, Any] | None = None  # (id, code) of the training loop's frame, when under a Trainer
         self._pid = os.getpid()
 
@@ -73,7 +74,7 @@ class PreemptionWatch:
         self._loop, self._pid = _training_loop(sys._getframe(1)), os.getpid()
         for stale in [watch for watch in _active if watch is self or watch._loop != self._loop]:
             stale.uninstall()
-        self.requested = False
+        self.requested, self._received, self._answered = False, 0, 0
         _active.append(self)
         for sig in self.signals:
             if sig not in _previous:
@@ -95,7 +96,18 @@ class PreemptionWatch:
         """Collective (when signals are watched): True on every rank if any rank was signalled."""
         if not self.signals:
             return False
-        return any_rank(self.requested)
+        agreed = any_rank(self.requested)
+        if agreed:
+            self._answered = self._received  # training stops for these
+        return agreed
+
+    def unanswered(self) -> bool:
+        """True once this rank got a signal that no step end stopped training for: one during train end.
+
+        Train end's upload wait polls it, so that a signal (kill, scancel) ends the wait at once, while the
+        signal that stopped training is answered by that stop and leaves the wait to run.
+        """
+        return self._received > self._answered
 
 
 def _dispatch(signum: int, frame: Any) -> None:
@@ -105,6 +117,7 @@ def _dispatch(signum: int, frame: Any) -> None:
     training = [watch for watch in watching if watch._trains(frame)]
     for watch in training:
         watch.requested = True
+        watch._received += 1
     if training:
         return
     for watch in watching:

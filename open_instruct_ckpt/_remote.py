@@ -8,6 +8,10 @@ against that digest on receipt, and the HEAD afterwards must return the manifest
 Larger objects go through s3fs's multipart upload, where S3 checks each part's CRC on receipt
 and only the size is compared afterwards. Other stores (a local directory, `file://`) report no
 sha256: size only. Nothing is downloaded again.
+
+Remote calls made on the training path are bounded: `check_writable` gives the store
+`upload_timeout_s` to answer (see `bounded`), and uploads report progress, so that train end can
+tell a hung store from a large file.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,10 @@ INSTALL_HINT = 'pip install "open_instruct_ckpt[s3]"'
 
 class UploadMismatch(Exception):
     """An uploaded object differs from what the manifest says (retried like any transient error)."""
+
+
+class NoAnswer(TimeoutError):
+    """A remote call did not return within its bound."""
 
 
 def _fsspec() -> Any:
@@ -55,32 +65,56 @@ class Remote:
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
 
+    @property
+    def endpoint(self) -> str:
+        """Where requests go, for messages: on S3 the `endpoint_url` (from `client_kwargs`) when set, else the URL."""
+        if self.is_s3:
+            client_kwargs = getattr(self.fs, "client_kwargs", None) or {}
+            endpoint = client_kwargs.get("endpoint_url") or getattr(self.fs, "endpoint_url", None)
+            if endpoint:
+                return str(endpoint)
+        return self.url
+
     def local_root(self) -> Path | None:
         """The target directory when the store is this machine's filesystem, else None."""
         return Path(self.root) if "file" in _protocols(self.fs) else None
 
     # -- start-up ------------------------------------------------------------------------------
 
-    def check_writable(self) -> None:
-        """Write and delete one small probe object under the prefix; a CheckpointError names the fix."""
+    def check_writable(self, timeout_s: float) -> None:
+        """Write and delete one small probe object under the prefix, within `timeout_s`; a CheckpointError names the fix."""
         probe = self.path(f".open_instruct_ckpt-probe-{uuid.uuid4().hex[:12]}")
         try:
-            self._make_parent(probe)
-            self.fs.pipe_file(probe, b"probe")
-            self.fs.rm_file(probe)
+            bounded(lambda: self._probe(probe), timeout_s)
+        except NoAnswer as exc:
+            raise CheckpointError(
+                f"upload_to={self.url!r}: {self.endpoint} did not answer within upload_timeout_s={timeout_s} s "
+                "(writing a probe object); check that the endpoint is up and reachable, or raise upload_timeout_s. "
+                "Nothing was trained yet"
+            ) from exc
         except Exception as exc:
-            raise CheckpointError(_unwritable(self.url, exc)) from exc
+            raise CheckpointError(_unwritable(self.url, self.endpoint, exc)) from exc
+
+    def _probe(self, probe: str) -> None:
+        self._make_parent(probe)
+        self.fs.pipe_file(probe, b"probe")
+        self.fs.rm_file(probe)
 
     # -- writing -------------------------------------------------------------------------------
 
-    def put_file(self, local: Path, relative: str, entry: dict[str, Any]) -> None:
-        """Upload one file to `<root>/<relative>` and check it against its manifest `entry`."""
+    def put_file(self, local: Path, relative: str, entry: dict[str, Any],
+                 progress: Callable[[], None] | None = None) -> None:
+        """Upload one file to `<root>/<relative>` and check it against its manifest `entry`.
+
+        `progress()` is called whenever the store has taken more of the file, where the filesystem says so
+        (s3fs: after each part of a multipart upload); a single PUT or a local copy says nothing until done.
+        """
         target = self.path(relative)
         if self.is_s3 and entry["bytes"] < SINGLE_PUT_BYTES:
             self._s3_put(target, local.read_bytes())
         else:
             self._make_parent(target)
-            self.fs.put_file(str(local), target)
+            self.fs.put_file(str(local), target, callback=_callback(progress))
         self.verify(target, entry)
 
     def put_bytes(self, relative: str, data: bytes, entry: dict[str, Any]) -> None:
@@ -165,6 +199,37 @@ class Remote:
                 pass
 
 
+def bounded(call: Callable[[], Any], timeout_s: float) -> Any:
+    """`call()`'s result, or its exception, if it returns within `timeout_s`; NoAnswer otherwise.
+
+    The call runs in a daemon thread. One that hangs (a store that accepts connections and never
+    answers) cannot be cancelled: it is left to end on its own, and nothing ever joins its thread.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="open_instruct_ckpt-remote-call", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise NoAnswer(f"no answer within {timeout_s} s")
+    returned, value = outcome[0]
+    if not returned:
+        raise value
+    return value
+
+
+def _callback(progress: Callable[[], None] | None) -> Any:
+    """An fsspec callback that calls `progress()` on every update (fsspec passes it size and value)."""
+    hooks = {} if progress is None else {"progress": lambda *_, **__: progress()}
+    return _fsspec().callbacks.Callback(hooks=hooks)
+
+
 def _protocols(fs: Any) -> tuple[str, ...]:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
@@ -190,12 +255,13 @@ def _checked_url(url: Any) -> str:
     return url
 
 
-def _unwritable(url: str, exc: BaseException) -> str:
+def _unwritable(url: str, endpoint: str, exc: BaseException) -> str:
     reason = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, FileNotFoundError):
         fix = "the bucket (or directory) does not exist: create it first, or fix the URL"
     elif isinstance(exc, PermissionError):
         fix = "access was denied: check the credentials (upload_storage_options or the environment) and their rights"
     else:
-        fix = "check the endpoint, the network and the credentials (upload_storage_options or the environment)"
+        fix = (f"check the endpoint ({endpoint}), the network and the credentials (upload_storage_options or the "
+               "environment)")
     return f"upload_to={url!r} is not writable ({reason}); {fix}. Nothing was trained yet"

@@ -12,27 +12,32 @@ locally in the meantime is skipped (a replacement is queued by its own save). Fa
 retried with bounded exponential backoff, then reported; a failed checkpoint is tried again with
 the next one. After each upload, remote checkpoints that no longer exist locally are deleted
 (only when `keep_last` prunes locally). Nothing here raises into training or touches local files.
+
+Nothing here waits on the store without a bound: `open` gives the start-up probe `timeout_s`;
+`finish` (train end) stops waiting when the worker's remote operation has shown no progress for
+`timeout_s`, when `stop_when()` turns True (a preemption signal), or after `wait_s`; `stop` never
+joins a worker that is inside a remote operation. The worker records that operation (`activity`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._manifest import MANIFEST_NAME
 from ._readers import complete_checkpoints, read_manifest
 from ._remote import Remote
+from ._upload_job import Activity, Job, Skip, Stopped, copy_checkpoint
 
 logger = logging.getLogger(__name__)
 
-_JOIN_S = 10.0
+_JOIN_S = 10.0  # stop() joins an idle worker (it returns at once); a busy one is not waited for
+_POLL_S = 0.2  # train end's wait looks at stop_when, the worker and the clock this often
 
 
 @dataclass
@@ -47,39 +52,30 @@ class Retry:
         return min(self.first_delay_s * 2 ** (failed_attempts - 1), self.max_delay_s)
 
 
-class _Skip(Exception):
-    """The local checkpoint is gone or was replaced: nothing of it is to be uploaded now."""
-
-
-class _Stopped(Exception):
-    """`stop()` was called while uploading."""
-
-
-@dataclass
-class _Job:
-    name: str
-    path: Path
-    stop: threading.Event
-    manifest_bytes: bytes = b""
-    done: set[str] = field(default_factory=set)
-
-
 class Uploader:
     """Uploads checkpoints in the background. Writer-only (rank 0); every method but `open` never raises."""
 
-    def __init__(self, url: Any, storage_options: dict[str, Any] | None, wait_s: float | None) -> None:
+    def __init__(self, url: Any, storage_options: dict[str, Any] | None, wait_s: float | None,
+                 timeout_s: float = 60.0) -> None:
         """Validate the target (raises TypeError/ValueError/ImportError); connects to nothing."""
-        if wait_s is not None and (isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or wait_s <= 0):
+        if wait_s is not None and not _positive(wait_s):
             raise ValueError(
                 f"upload_wait_s={wait_s!r} must be a positive number of seconds, or None to wait as long as it takes"
             )
+        if not _positive(timeout_s):
+            raise ValueError(
+                f"upload_timeout_s={timeout_s!r} must be a positive number of seconds: how long the store may leave "
+                "one request unanswered before train start fails or train end stops waiting (default 60)"
+            )
         self.remote = Remote(url, storage_options)
-        self.wait_s = wait_s
+        self.wait_s, self.timeout_s = wait_s, timeout_s
         self.retry = Retry()
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, Path] = OrderedDict()
         self._failed: dict[str, tuple[Path, str]] = {}
-        self._busy = False
+        self._busy = False  # the worker has a checkpoint (uploading it, pruning after it, or waiting to retry)
+        self._current: str | None = None  # the checkpoint it is uploading
+        self._activity: Activity | None = None  # its remote operation in flight
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._output_dir: Path | None = None
@@ -89,6 +85,11 @@ class Uploader:
     def is_open(self) -> bool:
         return self._output_dir is not None
 
+    @property
+    def activity(self) -> Activity | None:
+        """The worker's remote operation in flight, or None: what a stalled upload waits for, and how long."""
+        return self._activity
+
     def open(self, output_dir: Path, keep_last: int | None) -> None:
         """on_train_begin, writer: check the target is writable (raises CheckpointError naming the fix)."""
         self.stop()
@@ -97,7 +98,7 @@ class Uploader:
             raise ValueError(
                 f"upload_to={self.remote.url!r} is output_dir {output_dir} or inside it; choose a directory outside it"
             )
-        self.remote.check_writable()
+        self.remote.check_writable(self.timeout_s)
         self._output_dir, self._keep_last = output_dir, keep_last
         self._stop = threading.Event()
         self._failed.clear()
@@ -114,35 +115,69 @@ class Uploader:
                 self._thread.start()
             self._cond.notify_all()
 
-    def finish(self) -> None:
-        """Train end: wait, at most `wait_s`, for the queue to drain; then report what is not uploaded."""
+    def finish(self, stop_when: Callable[[], bool] = lambda: False) -> None:
+        """Train end: wait for the queue to drain; then report what is not uploaded.
+
+        The wait ends early: at once when `stop_when()` (polled a few times a second) turns True, when the
+        worker's remote operation has shown no progress for `timeout_s`, and after `wait_s` at most.
+        """
         if not self.is_open:
             return
+        why = self._wait(stop_when)
         with self._cond:
-            drained = self._cond.wait_for(lambda: not self._pending and not self._busy, self.wait_s)
-            pending, failed = list(self._pending), dict(self._failed)
-        if not drained:
-            logger.warning(
-                "Uploads to %s did not finish within upload_wait_s=%s s; abandoned: %s (and the one in progress). "
-                "The local checkpoints are complete: copy them by hand, checkpoint.json last",
-                self.remote.url, self.wait_s, ", ".join(pending) or "none queued",
-            )
+            unfinished, failed = self._unfinished(), dict(self._failed)
+        if why is not None:
+            logger.warning("%s; not uploaded: %s. The local checkpoints are complete: copy them by hand, "
+                           "checkpoint.json last", why, unfinished)
         if failed:
             logger.warning(
                 "Not uploaded to %s: %s. The local checkpoints are complete and untouched; copy them by hand, "
                 "checkpoint.json last", self.remote.url,
                 "; ".join(f"{name} ({reason})" for name, (_, reason) in failed.items()),
             )
-        elif drained:
+        elif why is None:
             logger.info("Every checkpoint is uploaded to %s", self.remote.url)
 
+    def _wait(self, stop_when: Callable[[], bool]) -> str | None:
+        """None once the queue is drained; else why train end stops waiting."""
+        deadline = None if self.wait_s is None else time.monotonic() + self.wait_s
+        with self._cond:
+            while self._pending or self._busy:
+                if stop_when():
+                    return f"A preemption signal ended train end's wait for uploads to {self.remote.url}"
+                stuck = self._activity
+                if stuck is not None and stuck.silent_s() >= self.timeout_s:
+                    return (f"Uploads to {self.remote.url} stopped waiting: {self.remote.endpoint} has not answered "
+                            f"for {stuck.silent_s():.0f} s (upload_timeout_s={self.timeout_s}) while {stuck.what}")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return f"Uploads to {self.remote.url} did not finish within upload_wait_s={self.wait_s} s"
+                self._cond.wait(_POLL_S if left is None else min(_POLL_S, left))
+        return None
+
+    def _unfinished(self) -> str:
+        """Under the lock: what is not uploaded, the checkpoint in progress (and its operation, if any) first."""
+        names = []
+        if self._current is not None:
+            activity = self._activity
+            doing = f": {activity.describe()}" if activity is not None and activity.checkpoint == self._current else ""
+            names.append(f"{self._current} (in progress{doing})")
+        names += [f"{name} (queued)" for name in self._pending]
+        return ", ".join(names) or "nothing"
+
     def stop(self) -> None:
-        """Stop the worker between two files (an unfinished upload has no remote manifest)."""
+        """Stop the worker between two remote operations (an unfinished upload has no remote manifest).
+
+        A worker inside a remote operation is not waited for: it may hang, and it cannot be interrupted. It
+        stops after that operation, touching nothing of this uploader's state (see `_update`).
+        """
         self._stop.set()
         with self._cond:
+            busy = self._busy
             self._pending.clear()
+            self._busy, self._current, self._activity = False, None, None
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if not busy and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(_JOIN_S)
         self._thread, self._output_dir = None, None
 
@@ -156,25 +191,31 @@ class Uploader:
                 if stop.is_set():
                     return
                 name, path = self._pending.popitem(last=False)
-                self._busy = True
+                self._busy, self._current = True, name
             try:
-                self._upload_with_retries(_Job(name, path, stop))
+                self._upload_with_retries(Job(name, path, stop, lambda doing: self._update(stop, _activity=doing)))
             except BaseException as exc:  # never let the worker die silently
                 self._fail(name, path, exc)
             finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                self._update(stop, _busy=False, _current=None, _activity=None)
 
-    def _upload_with_retries(self, job: _Job) -> None:
+    def _update(self, stop: threading.Event, **fields: Any) -> None:
+        """Set the worker's state fields, unless `stop()` abandoned this worker (a new one may be running)."""
+        with self._cond:
+            if not stop.is_set():
+                for name, value in fields.items():
+                    setattr(self, name, value)
+            self._cond.notify_all()
+
+    def _upload_with_retries(self, job: Job) -> None:
         for attempt in range(1, self.retry.tries + 1):
             try:
                 self._attempt(job)
                 return
-            except _Stopped:
+            except Stopped:
                 return
             except Exception as exc:
-                if isinstance(exc, _Skip) or read_manifest(job.path) is None:
+                if isinstance(exc, Skip) or read_manifest(job.path) is None:
                     logger.debug("Not uploading %s: pruned or replaced locally meanwhile", job.path)
                     with self._cond:
                         self._failed.pop(job.name, None)  # a replacement is queued by its own save
@@ -188,31 +229,15 @@ class Uploader:
                 if job.stop.wait(delay):
                     return
 
-    def _attempt(self, job: _Job) -> None:
+    def _attempt(self, job: Job) -> None:
         started = time.perf_counter()
-        manifest_bytes, manifest = _read_manifest(job.path)
-        if manifest_bytes != job.manifest_bytes:  # first attempt, or replaced since the last one
-            job.manifest_bytes, job.done = manifest_bytes, set()
-        self.remote.remove(f"{job.name}/{MANIFEST_NAME}")
-        sent = 0
-        for relative, entry in sorted(manifest["files"].items()):
-            if relative not in job.done:
-                if job.stop.is_set():
-                    raise _Stopped
-                self.remote.put_file(job.path / relative, f"{job.name}/{relative}", entry)
-                job.done.add(relative)
-                sent += entry["bytes"]
-        for extra in sorted(self.remote.files_of(job.name) - set(manifest["files"]) - {MANIFEST_NAME}):
-            self.remote.remove(f"{job.name}/{extra}")
-        if _read_manifest(job.path)[0] != manifest_bytes:
-            raise _Skip  # replaced while uploading: its own save queued the replacement
-        entry = {"bytes": len(manifest_bytes), "sha256": hashlib.sha256(manifest_bytes).hexdigest()}
-        self.remote.put_bytes(f"{job.name}/{MANIFEST_NAME}", manifest_bytes, entry)
-        logger.info("Uploaded %s to %s: %d bytes in %.2f s", job.path, self.remote.url,
-                    sent + len(manifest_bytes), time.perf_counter() - started)
+        sent = copy_checkpoint(self.remote, job)
+        logger.info("Uploaded %s to %s: %d bytes in %.2f s", job.path, self.remote.url, sent,
+                    time.perf_counter() - started)
         with self._cond:
             self._failed.pop(job.name, None)
-        self._prune_remote()
+        self._update(job.stop, _current=None)
+        self._prune_remote(job)
 
     def _fail(self, name: str, path: Path, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
@@ -224,33 +249,30 @@ class Uploader:
             path, self.remote.url, self.retry.tries, reason,
         )
 
-    def _prune_remote(self) -> None:
+    def _prune_remote(self, job: Job) -> None:
         """Delete remote checkpoints that `keep_last` pruned locally; best-effort, retried after each upload."""
-        if self._keep_last is None or self._output_dir is None:
+        output_dir = self._output_dir
+        if self._keep_last is None or output_dir is None:
             return
-        local = {manifest.get("name") for _, manifest in complete_checkpoints(self._output_dir)}
+        local = {manifest.get("name") for _, manifest in complete_checkpoints(output_dir)}
         try:
             with self._cond:
                 queued = set(self._pending)
-            for name in sorted(self.remote.checkpoint_names() - local - queued):
-                self.remote.remove_checkpoint(name)
+            with job.doing("listing the checkpoints under the prefix"):
+                names = self.remote.checkpoint_names()
+            for name in sorted(names - local - queued):
+                if job.stop.is_set():
+                    return
+                with job.doing(f"deleting {name}/ (keep_last)", checkpoint=name):
+                    self.remote.remove_checkpoint(name)
                 logger.info("Removed %s from %s: it no longer exists locally (keep_last)", name, self.remote.url)
         except Exception as exc:
             logger.warning("Pruning old checkpoints under %s failed (%s: %s); retried after the next upload",
                            self.remote.url, type(exc).__name__, exc)
 
 
-def _read_manifest(path: Path) -> tuple[bytes, dict[str, Any]]:
-    """The local manifest's bytes and content, if `path` is a complete checkpoint; raises _Skip otherwise."""
-    manifest = read_manifest(path)
-    try:
-        data = (path / MANIFEST_NAME).read_bytes()
-        same = manifest is not None and json.loads(data) == manifest
-    except (OSError, ValueError):
-        same = False
-    if not same or manifest is None:
-        raise _Skip
-    return data, manifest
+def _positive(seconds: Any) -> bool:
+    return not isinstance(seconds, bool) and isinstance(seconds, (int, float)) and seconds > 0
 
 
 def _within(path: Path, directory: Path) -> bool:

@@ -67,6 +67,9 @@ class CheckpointCallback(TrainerCallback):
             checkpoint there in the background, manifest last (needs `pip install "open_instruct_ckpt[s3]"`).
         upload_storage_options: fsspec options for `upload_to` (for S3: `key`, `secret`, `client_kwargs`).
         upload_wait_s: how long train end waits for the last uploads; None waits as long as they take.
+            A preemption signal during that wait ends it at once.
+        upload_timeout_s: how long the store may leave a request unanswered (60 s): the start-up probe
+            fails after it, and train end stops waiting for an upload that shows no progress for it.
         mtbf_hours / failure_probability: the failure rate (mean time between failures, or the chance
             this run fails); with either, the optimal save interval is logged and recorded with the run.
         save_interval: "trainer" (the Trainer's `save_steps`) or "auto" (re-chosen from measured save
@@ -91,6 +94,7 @@ class CheckpointCallback(TrainerCallback):
         upload_to: str | Path | None = None,
         upload_storage_options: dict[str, Any] | None = None,
         upload_wait_s: float | None = 3600.0,
+        upload_timeout_s: float = 60.0,
         mtbf_hours: float | None = None,
         failure_probability: float | None = None,
         save_interval: str = "trainer",
@@ -108,7 +112,8 @@ class CheckpointCallback(TrainerCallback):
         self._trainer_checkpoints = trainer_checkpoints
         self._keep_last = keep_last
         self._existing = existing_checkpoints
-        uploader = _upload.Uploader(upload_to, upload_storage_options, upload_wait_s) if upload_to is not None else None
+        uploader = (_upload.Uploader(upload_to, upload_storage_options, upload_wait_s, upload_timeout_s)
+                    if upload_to is not None else None)
         background = _async.BackgroundSaver() if async_save else None
         self._held = _Held(PreemptionWatch(preemption_signals), uploader, background)
         self._save_in_flight = False  # every rank: an async save was started and its verdict not yet taken
@@ -210,7 +215,7 @@ class CheckpointCallback(TrainerCallback):
             if not self.preempted and state.global_step >= state.max_steps:
                 self._upload(self._save_final(args, state, kwargs["model"]))
             if self._held.uploader is not None:
-                self._held.uploader.finish()
+                self._held.uploader.finish(stop_when=self._held.watch.unanswered)  # a signal ends the wait
             if args.should_save:
                 self._finish_economics(args, state)
         finally:

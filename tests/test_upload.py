@@ -1,14 +1,19 @@
 """Uploads to object storage: a real S3-protocol server (moto, on 127.0.0.1) with s3fs as the client.
 
 Faults are injected by wrapping s3fs's one request method (`_call_s3`), which also records the
-order of requests; everything else is real: the server, the HTTP requests, the Trainer.
+order of requests; everything else is real: the server, the HTTP requests, the Trainer. A hung
+store is a real TCP endpoint on 127.0.0.1 that accepts connections and never answers.
 """
 
 import base64
 import json
 import logging
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -71,6 +76,66 @@ class Bucket:
 @pytest.fixture
 def bucket(endpoint):
     return Bucket(endpoint)
+
+
+class StallingEndpoint:
+    """A TCP endpoint on 127.0.0.1 that relays to `upstream` (host, port) until `stall()`, at once if there is none.
+
+    Stalled, it is a hung store: it accepts connections and holds them open, never reading a request or answering.
+    """
+
+    def __init__(self, upstream=None):
+        self.upstream, self.stalled, self.held = upstream, threading.Event(), []
+        if upstream is None:
+            self.stalled.set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self):
+        self.stalled.set()
+
+    def close(self):
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        for sock in [self.listener, *self.held]:
+            sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(client)
+            if not self.stalled.is_set():
+                server = socket.create_connection(self.upstream)
+                self.held.append(server)
+                threading.Thread(target=self._relay, args=(client, server, True), daemon=True).start()
+                threading.Thread(target=self._relay, args=(server, client, False), daemon=True).start()
+
+    def _relay(self, source, sink, request):
+        try:
+            while data := source.recv(65536):
+                if request and self.stalled.is_set():
+                    return  # the request is never passed on, nor the connection closed
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def hung():
+    stalling = StallingEndpoint()
+    yield stalling
+    stalling.close()
+
+
+@pytest.fixture
+def relay(endpoint):
+    stalling = StallingEndpoint(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+    yield stalling
+    stalling.close()
 
 
 def s3_callback(bucket, **kwargs):
@@ -316,6 +381,25 @@ def test_a_missing_bucket_is_refused_before_training(tmp_path, tokenizer, llama,
     assert "step_2" in bucket.tree()
 
 
+def test_a_store_that_never_answers_fails_the_start_within_upload_timeout_s(tmp_path, tokenizer, llama, bucket,
+                                                                           hung):
+    options = dict(bucket.options, client_kwargs={"endpoint_url": hung.url})
+    callback = CheckpointCallback(FullModel(), upload_to=bucket.url(), upload_storage_options=options,
+                                  upload_timeout_s=2)
+    trainer = make_trainer(llama, tokenizer, tmp_path, callback)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=rf"upload_to='{bucket.url()}': {re.escape(hung.url)} did not answer "
+                                              r"within upload_timeout_s=2 s \(writing a probe object\); check that the "
+                                              r"endpoint is up and reachable, or raise upload_timeout_s\. Nothing was"):
+        trainer.train()
+    took = time.monotonic() - started
+    print(f"hung endpoint: train() raised after {took:.2f} s (upload_timeout_s=2)")
+    assert took < 2 + 5 and hung.held  # the endpoint was reached and never answered
+    assert trainer.state.global_step == 0 and entries(tmp_path) == set()
+    make_trainer(llama, tokenizer, tmp_path, s3_callback(bucket), max_steps=2).train()  # the lock was released
+    assert "step_2" in bucket.tree()
+
+
 @pytest.mark.parametrize("url, error, message", [
     ("nosuchproto://bucket/run", ValueError, r"fsspec knows no protocol 'nosuchproto'; use s3://bucket/prefix"),
     ("s3://", ValueError, r"upload_to='s3://' names no bucket or directory"),
@@ -331,6 +415,10 @@ def test_bad_upload_options_are_refused_at_construction(tmp_path):
         CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_storage_options="key=x")
     with pytest.raises(ValueError, match=r"upload_wait_s=0 must be a positive number of seconds, or None"):
         CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_wait_s=0)
+    for timeout in (0, -1, None, True, "60"):
+        with pytest.raises(ValueError, match=rf"upload_timeout_s={re.escape(repr(timeout))} must be a positive number "
+                                             r"of seconds: how long the store may leave one request unanswered"):
+            CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_timeout_s=timeout)
 
 
 _WITHOUT_S3FS = """
@@ -409,5 +497,96 @@ def test_train_end_waits_at_most_upload_wait_s_and_never_leaves_a_manifest(tmp_p
     assert time.monotonic() - started < 20
     [warning] = [m for m in messages(caplog, logging.WARNING) if "did not finish" in m]
     assert "upload_wait_s=0.5 s" in warning and "copy them by hand, checkpoint.json last" in warning
+    # the one in progress is named, with the file it was on
+    assert re.search(r"not uploaded: (step_4|final) \(in progress: uploading \1/[\w.]+ \(\d+ bytes\)", warning), warning
     assert not (tmp_path / "remote" / "final" / "checkpoint.json").exists()
     assert json.loads((tmp_path / "remote" / "step_4" / "checkpoint.json").read_text())["step"] == 4
+
+
+def test_train_end_stops_waiting_for_an_upload_stuck_on_a_store_that_stopped_answering(tmp_path, tokenizer, llama,
+                                                                                       bucket, relay, monkeypatch,
+                                                                                       caplog):
+    options = dict(bucket.options, client_kwargs={"endpoint_url": relay.url})
+    callback = CheckpointCallback(FullModel(), upload_to=bucket.url(), upload_storage_options=options,
+                                  upload_wait_s=30, upload_timeout_s=2)
+    stalled_at = []
+
+    def stall_at_the_weights(method, kwargs):  # the start-up probe and the first files get through
+        if method == "put_object" and kwargs["Key"] == "run/step_2/model.safetensors" and not stalled_at:
+            relay.stall()
+            stalled_at.append(time.monotonic())
+
+    record_requests(monkeypatch, callback, stall_at_the_weights)
+    with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
+        make_trainer(llama, tokenizer, tmp_path / "out", callback).train()
+    took = time.monotonic() - stalled_at[0]
+    print(f"stuck upload: train() returned {took:.2f} s after the store stopped answering (upload_timeout_s=2)")
+
+    assert took < 2 + 8  # not upload_wait_s=30
+    [warning] = [m for m in messages(caplog, logging.WARNING) if "stopped waiting" in m]
+    assert f"{relay.url} has not answered for " in warning and "(upload_timeout_s=2)" in warning
+    assert "while uploading step_2/model.safetensors" in warning
+    assert "not uploaded: step_2 (in progress: uploading step_2/model.safetensors" in warning
+    assert "step_4 (queued), final (queued)" in warning and "copy them by hand, checkpoint.json last" in warning
+    assert "checkpoint.json" not in bucket.tree()["step_2"]
+    assert all(verify_checkpoint(tmp_path / "out" / name) == [] for name in ("step_2", "step_4", "final"))
+
+
+def test_a_signal_during_the_train_end_upload_wait_ends_it_at_once(tmp_path, tokenizer, llama, monkeypatch, caplog):
+    callback = CheckpointCallback(FullModel(), upload_to=str(tmp_path / "remote"), upload_wait_s=30,
+                                  preemption_signals=(signal.SIGUSR1,))
+    fs = callback._held.uploader.remote.fs
+    real_put, release, signalled_at = fs.put_file, threading.Event(), []
+
+    def kill():  # as `kill -USR1` from outside, while train end waits for final/
+        signalled_at.append(time.monotonic())
+        signal.raise_signal(signal.SIGUSR1)
+
+    def slow_put(local, remote, **kwargs):  # a slow store: each file of final/ takes a minute
+        if "/final/" in remote:
+            if not signalled_at:
+                threading.Timer(0.5, kill).start()
+            release.wait(60)
+        return real_put(local, remote, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", slow_put)
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = make_trainer(llama, tokenizer, tmp_path / "out", callback)
+    try:
+        with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
+            trainer.train()
+        took = time.monotonic() - signalled_at[0]
+    finally:
+        release.set()
+    print(f"signal during the upload wait: train() returned {took:.2f} s after it")
+
+    assert took < 2  # not upload_wait_s=30
+    assert trainer.state.global_step == 4 and signal.getsignal(signal.SIGUSR1) == before
+    [warning] = [m for m in messages(caplog, logging.WARNING) if "preemption signal" in m]
+    assert re.search(r"not uploaded: final \(in progress: uploading final/[\w.]+ \(\d+ bytes\), [\d.]+ s so far\)\. "
+                     r"The local checkpoints are complete", warning), warning
+    assert json.loads((tmp_path / "remote" / "step_4" / "checkpoint.json").read_text())["step"] == 4
+    assert not (tmp_path / "remote" / "final" / "checkpoint.json").exists()
+    assert all(verify_checkpoint(tmp_path / "out" / name) == [] for name in ("step_2", "step_4", "final"))
+
+
+def test_the_signal_that_stopped_training_leaves_the_upload_wait_to_run(tmp_path, tokenizer, llama, monkeypatch):
+    class SignalDuringStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                signal.raise_signal(signal.SIGUSR1)
+
+    callback = CheckpointCallback(FullModel(), upload_to=str(tmp_path / "remote"), preemption_signals=(signal.SIGUSR1,))
+    fs = callback._held.uploader.remote.fs
+    real_put = fs.put_file
+
+    def slow_put(local, remote, **kwargs):  # step_2's upload still runs when train end starts to wait
+        time.sleep(0.2)
+        return real_put(local, remote, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", slow_put)
+    trainer = make_trainer(llama, tokenizer, tmp_path / "out", callback, max_steps=10, save_steps=100)
+    trainer.add_callback(SignalDuringStep2())
+    trainer.train()
+    assert callback.preempted and trainer.state.global_step == 2
+    assert json.loads((tmp_path / "remote" / "step_2" / "checkpoint.json").read_text())["step"] == 2
