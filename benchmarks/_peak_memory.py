@@ -50,11 +50,15 @@ def measure(opts: argparse.Namespace, model, compare: Callable[[object, Path | N
     import torch.distributed as dist
 
     from open_instruct_ckpt import FullModel
-    from open_instruct_ckpt._gather import stored_nbytes
-    from open_instruct_ckpt._shards import plan_shards
+    from open_instruct_ckpt._engines import stored_nbytes
+    from open_instruct_ckpt._write.layout import pretrained_weights
+    from open_instruct_ckpt._write.roles import team_for
+    from open_instruct_ckpt._write.saver import Saver
+    from open_instruct_ckpt._write.settings import SaveSettings
+    from open_instruct_ckpt.tiny import llama_tokenizer
 
     rank = dist.get_rank()
-    plan = plan_shards(model, opts.shard)
+    weights = pretrained_weights(model, opts.shard)
     directory = Path(tempfile.mkdtemp(dir=opts.out)) if rank == 0 else None
     dist.barrier()
     rss_before, peak_reset = memory_kib("VmRSS"), reset_peak()
@@ -62,14 +66,18 @@ def measure(opts: argparse.Namespace, model, compare: Callable[[object, Path | N
     held = None
     if opts.mode in ("sharded", "unsharded"):
         shard = opts.shard if opts.mode == "sharded" else None
-        held = FullModel(max_shard_size=shard).save(model, directory, None).peak_held_bytes
+        settings = SaveSettings(llama_tokenizer(), None, Path(opts.out) / "ours", keep_last=None)
+        saved = Saver(settings, team_for(rank == 0, "main", rank, dist.get_world_size())).save(
+            model, "step_1", 1, FullModel(max_shard_size=shard))
+        held = saved.stats.peak_held_bytes if saved.stats is not None else None
+        directory = saved.path
     else:
         compare(model, directory)
     seconds = time.perf_counter() - started
     if directory is not None:
         result = {
-            "mode": opts.mode, "model_bytes": plan.total_bytes, "seconds": round(seconds, 2),
-            "largest_module_bytes": max(sum(stored_nbytes(t) for t in own.values()) for _, own in plan.groups),
+            "mode": opts.mode, "model_bytes": weights.stored_bytes, "seconds": round(seconds, 2),
+            "largest_module_bytes": max(sum(stored_nbytes(t) for t in own.values()) for _, own in weights.groups),
             "rss_before_save": rss_before * 1024,
             "vm_hwm": memory_kib("VmHWM") * 1024, "peak_reset": peak_reset, "peak_held_bytes": held,
             "files": sorted(p.name for p in directory.iterdir()),

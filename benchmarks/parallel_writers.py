@@ -50,8 +50,10 @@ def worker(opts: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from open_instruct_ckpt import FullModel
-    from open_instruct_ckpt._save import SaveSettings, save
-    from open_instruct_ckpt._shards import plan_shards
+    from open_instruct_ckpt._write.layout import pretrained_weights
+    from open_instruct_ckpt._write.roles import team_for
+    from open_instruct_ckpt._write.saver import Saver
+    from open_instruct_ckpt._write.settings import SaveSettings
     from open_instruct_ckpt.tiny import llama_tokenizer
 
     model = build(opts.engine, opts.hidden, opts.layers)
@@ -59,17 +61,17 @@ def worker(opts: argparse.Namespace) -> None:
     seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
     for repeat in range(-1, opts.repeats):  # repeat -1 warms up both modes and is not counted
         for mode in MODES:
-            settings = SaveSettings(FullModel(max_shard_size=opts.shard, writers=mode), llama_tokenizer(), None,
-                                    opts.out / opts.engine, keep_last=None)
+            settings = SaveSettings(llama_tokenizer(), None, opts.out / opts.engine, keep_last=None)
+            saver = Saver(settings, team_for(is_writer, mode, dist.get_rank(), dist.get_world_size()))
             dist.barrier()
             started = time.perf_counter()
-            save(settings, model, f"step_{repeat + 1}_{mode}", repeat + 1, is_writer)
+            saver.save(model, f"step_{repeat + 1}_{mode}", repeat + 1, FullModel(max_shard_size=opts.shard))
             dist.barrier()
             if repeat >= 0:
                 seconds[mode].append(time.perf_counter() - started)
     if is_writer:
-        plan = plan_shards(model, opts.shard)
-        result = {"engine": opts.engine, "model_bytes": plan.total_bytes, "files": len(plan.filename_to_names), "seconds": seconds}
+        layout = pretrained_weights(model, opts.shard).layout
+        result = {"engine": opts.engine, "model_bytes": layout.total_bytes, "files": len(layout.files), "seconds": seconds}
         (opts.out / f"{opts.engine}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

@@ -26,7 +26,10 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, _async, _save
+from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter
+from open_instruct_ckpt._write.roles import SOLO
+from open_instruct_ckpt._write.saver import Saver, save_once
+from open_instruct_ckpt._write.settings import SaveSettings
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
 
 
@@ -38,7 +41,7 @@ def fsync_tree(directory: Path) -> None:
 
 
 def ours(strategy, model, tokenizer, target: Path) -> None:
-    _save.save(_save.SaveSettings(strategy, tokenizer, None, target, keep_last=None), model, "step_1", 1, True)
+    save_once(strategy, model, tokenizer, target)
 
 
 def save_pretrained(model, tokenizer, target: Path) -> None:
@@ -73,18 +76,24 @@ def best(action, root: Path, repeats: int) -> float:
 def async_blocked(model, tokenizer, root: Path, repeats: int) -> tuple[float, float]:
     """Row 2: seconds training is blocked (snapshot) and seconds until the background save is published."""
     blocked, total = [], []
-    saver = _async.BackgroundSaver()  # one per run, as in the callback: the arena is allocated once and reused
-    for _ in range(repeats + 1):  # the first save allocates (and first-touches) the arena: not counted
-        target = Path(tempfile.mkdtemp(dir=root))
-        settings = _save.SaveSettings(FullModel(), tokenizer, None, target, keep_last=None)
+    # One Saver per run, as in the callback: the arena is allocated once and reused.
+    saver = Saver(SaveSettings(tokenizer, None, Path(tempfile.mkdtemp(dir=root)), keep_last=None), SOLO,
+                  async_save=True)
+    for step in range(repeats + 1):  # the first save allocates (and first-touches) the arena: not counted
         started = time.perf_counter()
-        _save.save(settings, model, "step_1", 1, True, background=saver)
+        saver.start(model, f"step_{step}", step, FullModel())
         blocked.append(time.perf_counter() - started)
-        path, error = saver.take_verdict()
+        saved = saver.wait()
         total.append(time.perf_counter() - started)
-        assert error is None and path is not None, error
-        shutil.rmtree(target)
+        assert saved is not None and saved.path is not None
+        shutil.rmtree(saved.path)
     return min(blocked[1:]), min(total[1:])
+
+
+def _until_published(path: Path) -> None:
+    """Without waiting on the save (which would give it full priority): poll until its rename lands."""
+    while not path.is_dir():
+        time.sleep(0.01)
 
 
 def train_steps_per_s(model, steps: int, during: threading.Event | None = None) -> float:
@@ -106,15 +115,15 @@ def throughput_while_saving(tokenizer, big, root: Path) -> tuple[float, float]:
     small = llama_model(tokenizer, hidden=256, layers=2)
     alone = train_steps_per_s(small, 10)
     target = Path(tempfile.mkdtemp(dir=root))
-    saver = _async.BackgroundSaver()
+    saver = Saver(SaveSettings(tokenizer, None, target, keep_last=None), SOLO, async_save=True)
     started = time.perf_counter()
-    _save.save(_save.SaveSettings(FullModel(), tokenizer, None, target, keep_last=None), big, "step_1", 1, True,
-               background=saver)
+    saver.start(big, "step_1", 1, FullModel())
     running = threading.Event()
     running.set()
-    threading.Thread(target=lambda: (saver.wait(), running.clear()), daemon=True).start()
+    watch = threading.Thread(target=lambda: (_until_published(target / "step_1"), running.clear()), daemon=True)
+    watch.start()
     during = train_steps_per_s(small, 1, running)
-    saver.take_verdict()
+    saver.wait()
     saving_s = time.perf_counter() - started
     shutil.rmtree(target)
     return during / alone, saving_s

@@ -10,22 +10,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._errors import CheckpointError
-from ._readers import complete_checkpoints, latest_checkpoint, verify_checkpoint
+from ._format.readers import complete_checkpoints, latest_checkpoint, verify_checkpoint
 
 if TYPE_CHECKING:
-    from ._generation_config import default_generation_config, olmo_generation_config
+    from ._write.generation_config import default_generation_config, olmo_generation_config
     from .callback import CheckpointCallback
+    from .options import AutoInterval, Retry, TrainerInterval, Upload
     from .strategies import CheckpointStrategy, FullModel, LoRAAdapter, ModelAttribute
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoInterval",
     "CheckpointCallback",
     "CheckpointError",
     "CheckpointStrategy",
     "FullModel",
     "LoRAAdapter",
     "ModelAttribute",
+    "Retry",
+    "TrainerInterval",
+    "Upload",
     "complete_checkpoints",
     "default_generation_config",
     "latest_checkpoint",
@@ -39,8 +44,12 @@ _LAZY = {
     "FullModel": ".strategies",
     "LoRAAdapter": ".strategies",
     "ModelAttribute": ".strategies",
-    "default_generation_config": "._generation_config",
-    "olmo_generation_config": "._generation_config",
+    "default_generation_config": "._write.generation_config",
+    "olmo_generation_config": "._write.generation_config",
+    "AutoInterval": ".options",
+    "Retry": ".options",
+    "TrainerInterval": ".options",
+    "Upload": ".options",
 }
 
 

@@ -6,7 +6,7 @@ must call it at the same point, or the job hangs until the process-group timeout
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ._errors import CheckpointError
 
 T = TypeVar("T")
+WRITERS = ("main", "all")  # who writes a checkpoint's files: the Trainer's writer alone, or every rank its share
 
 
 def is_distributed() -> bool:
@@ -71,10 +72,16 @@ def _first_failure(messages: list[str | None]) -> str:
     return "checkpoint save failed on another rank"
 
 
-def gather_to_all(value: object) -> list:
-    """Collective: every rank's `value`, in rank order, on every rank (picklable objects)."""
+def gather_to_all(value: object, group: Any = None) -> list:
+    """Collective (over `group`, the default group when None): every rank's `value`, in rank order, on every rank."""
     if not is_distributed():
         return [value]
-    values: list = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
     return values
+
+
+def background_group() -> Any:
+    """Collective, at set-up: a gloo process group for collectives made by background saves, which run beside
+    training's own collectives on the default group (in the same order on every rank)."""
+    return dist.new_group(backend="gloo") if is_distributed() else None

@@ -13,10 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import _advisor, _inspect, _inspect_text, _verify
-from ._economics import recorded_costs
-from ._manifest import MANIFEST_NAME, RUN_RECORD_NAME
-from ._readers import latest_checkpoint
+from ._format import inspect as _inspect
+from ._format import inspect_text as _inspect_text
+from ._format import verify as _verify
+from ._format.manifest import MANIFEST_NAME, RUN_RECORD_NAME
+from ._format.readers import latest_checkpoint
+from ._format.units import human_bytes, human_seconds
+from ._measure import advisor as _advisor
+from ._measure.economics import recorded_costs
 
 PROG = "open-instruct-ckpt"
 OK, FAILED, USAGE = 0, 1, 2
@@ -64,7 +68,7 @@ def list_checkpoints(output_dir: Path) -> int:
         if entry.linked_from:
             status += f"  (hard links to {entry.linked_from})"
         step = "-" if entry.step is None else str(entry.step)
-        print(f"{entry.name:<{width}}  {step:>7}  {_advisor.human_bytes(entry.bytes):>10}  {status}")
+        print(f"{entry.name:<{width}}  {step:>7}  {human_bytes(entry.bytes):>10}  {status}")
     return OK
 
 
@@ -133,7 +137,7 @@ def advise(args: argparse.Namespace) -> int:
     if costs.mtbf_hours is not None:
         young = _advisor.young_daly_seconds(costs.save_seconds, costs.mtbf_hours)
         print(f"Young/Daly: sqrt(2 x {costs.save_seconds:.3g} s x {costs.mtbf_hours:g} h) = "
-              f"{_advisor.human_seconds(young)} between saves")
+              f"{human_seconds(young)} between saves")
     print()
     print(_advisor.table(advice))
     return OK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from open_instruct_ckpt import FullModel
+from open_instruct_ckpt._write.roles import SOLO
+from open_instruct_ckpt._write.saver import Saver
+from open_instruct_ckpt._write.settings import SaveSettings
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer, olmo_model, olmo_tokenizer
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -71,10 +75,23 @@ def logits(model, tokenizer) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SlowFullModel(FullModel):
-    """A real FullModel save that first waits, as a slow gather would."""
+    """A real FullModel save that first waits, as a slow gather would (training waits for it, async or not)."""
 
     delay: float = 1.5
 
-    def save(self, model, directory, generation_config):
-        time.sleep(self.delay)
-        return super().save(model, directory, generation_config)
+    def plan(self, model, final=False):
+        plan = super().plan(model, final)
+        transform, slept = plan.weights.transform, []
+
+        def slow(state):
+            if not slept:  # the first module's gather, on the writer
+                time.sleep(self.delay)
+                slept.append(True)
+            return transform(state)
+
+        return dataclasses.replace(plan, weights=dataclasses.replace(plan.weights, transform=slow))
+
+
+def saver_for(tokenizer, output_dir: Path, keep_last=None, async_save=False, **settings) -> Saver:
+    """A Saver of one process (it publishes), for several saves of one run outside a Trainer."""
+    return Saver(SaveSettings(tokenizer, None, Path(output_dir), keep_last, **settings), SOLO, async_save=async_save)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from open_instruct_ckpt._advisor import (
+from open_instruct_ckpt._measure.advisor import (
     Costs,
     advise,
     interval_cost,

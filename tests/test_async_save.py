@@ -16,16 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import entries, make_trainer
-from open_instruct_ckpt import (
-    CheckpointCallback,
-    CheckpointError,
-    FullModel,
-    _async,
-    _safetensors,
-    _save,
-    verify_checkpoint,
-)
+from conftest import entries, make_trainer, saver_for
+from open_instruct_ckpt import AutoInterval, CheckpointCallback, CheckpointError, FullModel, Upload, verify_checkpoint
+from open_instruct_ckpt._write import safetensors as _safetensors
+from open_instruct_ckpt._write import staging as _async
 
 
 class PauseAfterStep(TrainerCallback):
@@ -56,27 +50,27 @@ def held_writes(monkeypatch):
 def test_snapshot_is_a_true_copy(tmp_path, tokenizer, llama, held_writes):
     release, started = held_writes
     before = {name: t.detach().clone() for name, t in llama.state_dict().items()}
-    saver = _async.BackgroundSaver()
-    settings = _save.SaveSettings(FullModel(), tokenizer, None, tmp_path, keep_last=None)
-    assert _save.save(settings, llama, "step_1", 1, True, background=saver) is None
-    assert started.wait(60) and saver.in_flight  # the save is in flight, its files not yet written
+    saver = saver_for(tokenizer, tmp_path, async_save=True)
+    saver.start(llama, "step_1", 1, FullModel())
+    assert started.wait(60) and saver.pending and saver.poll() is None  # in flight, its files not yet written
     with torch.no_grad():
         for param in llama.parameters():
             param.add_(1.0)  # what the next optimizer step does to the live weights
     release.set()
-    path, error = saver.take_verdict()
-    assert error is None and path == tmp_path / "step_1" and verify_checkpoint(path) == []
+    path = saver.wait().path
+    assert path == tmp_path / "step_1" and verify_checkpoint(path) == []
     saved = load_file(path / "model.safetensors")
     assert saved and all(torch.equal(saved[name], before[name]) for name in saved)
 
 
-def test_one_save_in_flight_at_most():
-    saver, release = _async.BackgroundSaver(), threading.Event()
-    saver.start(lambda: release.wait(60))
-    with pytest.raises(RuntimeError, match="still pending"):
-        saver.start(lambda: None)
+def test_one_save_in_flight_at_most(tmp_path, tokenizer, llama, held_writes):
+    release, _ = held_writes
+    saver = saver_for(tokenizer, tmp_path, async_save=True)
+    saver.start(llama, "step_1", 1, FullModel())
+    with pytest.raises(RuntimeError, match="still pending: wait\\(\\) for it first"):
+        saver.start(llama, "step_2", 2, FullModel())
     release.set()
-    assert saver.take_verdict() == (True, None) and not saver.pending
+    assert saver.wait().name == "step_1" and not saver.pending and saver.wait() is None
 
 
 def test_background_failure_raises_at_next_step_end_and_keeps_previous(tmp_path, tokenizer, llama, monkeypatch):
@@ -125,7 +119,7 @@ def test_train_end_waits_for_the_background_save(tmp_path, tokenizer, llama, hel
     trainer.train()
     assert entries(tmp_path) == {"step_2", "step_4", "final"}
     assert all(verify_checkpoint(tmp_path / name) == [] for name in ("step_2", "step_4", "final"))
-    assert not callback._held.background.pending
+    assert not callback.saver.pending
 
 
 def test_async_save_must_be_a_bool():
@@ -147,10 +141,10 @@ def test_arena_refuses_what_host_memory_cannot_hold(monkeypatch):
 def test_falls_back_to_a_sync_save_with_a_warning_when_host_memory_is_short(tmp_path, tokenizer, llama, monkeypatch,
                                                                               caplog):
     monkeypatch.setattr(_async, "available_host_bytes", lambda: 1024)  # a host that cannot hold the arena
-    saver = _async.BackgroundSaver()
-    settings = _save.SaveSettings(FullModel(), tokenizer, None, tmp_path, keep_last=None)
-    assert _save.save(settings, llama, "step_1", 1, True, background=saver) == tmp_path / "step_1"
-    assert not saver.pending and saver.arena.capacity == 0
+    saver = saver_for(tokenizer, tmp_path, async_save=True)
+    saver.start(llama, "step_1", 1, FullModel())
+    assert (tmp_path / "step_1").is_dir()  # published before start returned: a sync save
+    assert saver.wait().path == tmp_path / "step_1" and saver.staging_capacity == 0
     assert "Saving synchronously: host memory cannot hold the" in caplog.text
 
 
@@ -158,7 +152,7 @@ def test_uploads_are_queued_after_the_background_publish(tmp_path, tokenizer, ll
     release, _ = held_writes
     threading.Timer(1.0, release.set).start()
     remote = tmp_path / "remote"
-    callback = CheckpointCallback(FullModel(), async_save=True, upload_to=str(remote))
+    callback = CheckpointCallback(FullModel(), async_save=True, upload=Upload(to=str(remote)))
     trainer = make_trainer(llama, tokenizer, tmp_path / "out", callback, max_steps=4, save_steps=2)
     trainer.train()
     assert entries(remote) == {"step_2", "step_4", "final"}
@@ -191,7 +185,7 @@ def test_async_saves_with_the_auto_interval_save_once_per_interval(tmp_path, tok
     """A background save still in flight at the next step end must not make that step "due" again."""
     real = _safetensors.write
     monkeypatch.setattr(_safetensors, "write", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])  # a slow disk
-    callback = CheckpointCallback(FullModel(), async_save=True, save_interval="auto", mtbf_hours=1e6)
+    callback = CheckpointCallback(FullModel(), async_save=True, interval=AutoInterval(mtbf_hours=1e6))
     trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=12, save_steps=4)
     trainer.train()
     assert entries(tmp_path) == {"step_4", "step_8", "step_12", "final"}

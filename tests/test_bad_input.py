@@ -6,8 +6,14 @@ import signal
 import pytest
 
 from conftest import make_trainer
-from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, ModelAttribute, latest_checkpoint
-from open_instruct_ckpt._readers import read_manifest, verify_checkpoint
+from open_instruct_ckpt import (
+    CheckpointCallback,
+    CheckpointError,
+    FullModel,
+    ModelAttribute,
+    latest_checkpoint,
+)
+from open_instruct_ckpt._format.readers import read_manifest, verify_checkpoint
 
 
 @pytest.mark.parametrize("strategy,match", [
@@ -110,7 +116,7 @@ def test_preemption_signals_are_checked_at_construction(signals, error, match):
 
 def test_preemption_signals_accept_names_ints_and_members():
     callback = CheckpointCallback(FullModel(), preemption_signals=("SIGUSR1", "usr2", int(signal.SIGTERM)))
-    assert callback._held.watch.signals == (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    assert callback.preemption_signals == (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 @pytest.mark.parametrize("spec,match", [

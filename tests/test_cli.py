@@ -12,9 +12,9 @@ import pytest
 from peft import LoraConfig, get_peft_model
 
 from conftest import make_trainer
-from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter
-from open_instruct_ckpt._manifest import RUN_RECORD_NAME
-from open_instruct_ckpt._save import SaveSettings, save
+from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, TrainerInterval
+from open_instruct_ckpt._format.manifest import RUN_RECORD_NAME
+from open_instruct_ckpt._write.saver import save_once
 from open_instruct_ckpt.tiny import llama_model, llama_tokenizer
 
 ENTRY_POINT = Path(sys.executable).parent / "open-instruct-ckpt"
@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     """A finished run: step_2, step_4, final/ (hard links to step_4), and its run record."""
     out = tmp_path_factory.mktemp("run") / "out"
     tokenizer = llama_tokenizer()
-    callback = CheckpointCallback(FullModel(), mtbf_hours=24)
+    callback = CheckpointCallback(FullModel(), interval=TrainerInterval(mtbf_hours=24))
     make_trainer(llama_model(tokenizer), tokenizer, out, callback).train()
     return out
 
@@ -58,7 +58,7 @@ def test_public_names_still_resolve_lazily():
     code = ("import sys, open_instruct_ckpt as p; assert 'torch' not in sys.modules; "
             "names = [getattr(p, n).__name__ for n in p.__all__]; print('torch' in sys.modules, len(names))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["True", "11"]
+    assert done.stdout.split() == ["True", "15"]
 
 
 def test_help_documents_commands_and_exit_codes():
@@ -142,10 +142,10 @@ def test_verify_load_of_an_adapter_needs_its_base_model_path(tmp_path):
     base.save_pretrained(tmp_path / "base")
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     orphan = get_peft_model(llama_model(tokenizer), config)  # built in memory: no base_model_name_or_path
-    save(SaveSettings(LoRAAdapter(), tokenizer, None, tmp_path, None), orphan, "orphan", 1, True)
+    save_once(LoRAAdapter(), orphan, tokenizer, tmp_path, "orphan", 1)
     anchored = get_peft_model(llama_model(tokenizer), config)
     anchored.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
-    save(SaveSettings(LoRAAdapter(), tokenizer, None, tmp_path, None), anchored, "anchored", 1, True)
+    save_once(LoRAAdapter(), anchored, tokenizer, tmp_path, "anchored", 1)
     done = cli("verify", "--load", tmp_path / "anchored", tmp_path / "orphan")
     assert done.returncode == 1
     assert "loaded AutoPeftModelForCausalLM over" in done.stdout and f"{tmp_path / 'anchored'}: OK" in done.stdout
@@ -249,7 +249,7 @@ def test_advise_of_a_record_with_unusable_saves_names_the_options(tmp_path, save
 
 def test_advise_counts_the_checkpoints_the_runs_retention_keeps(tmp_path):
     tokenizer = llama_tokenizer()
-    callback = CheckpointCallback(FullModel(), keep_last=1, mtbf_hours=24)
+    callback = CheckpointCallback(FullModel(), keep_last=1, interval=TrainerInterval(mtbf_hours=24))
     make_trainer(llama_model(tokenizer), tokenizer, tmp_path, callback, save_steps=1).train()
     assert json.loads((tmp_path / RUN_RECORD_NAME).read_text())["keep_last"] == 1
     done = cli("advise", tmp_path)

@@ -8,7 +8,9 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import entries, make_trainer
 from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter
-from open_instruct_ckpt._save import SaveSettings, measure_small_files, needed_bytes
+from open_instruct_ckpt._write.generation_config import build as generation_config
+from open_instruct_ckpt._write.prepare import measure_small_files
+from open_instruct_ckpt._write.settings import SaveSettings
 from open_instruct_ckpt.tiny import llama_model
 
 Usage = namedtuple("Usage", "total used free")
@@ -27,9 +29,9 @@ def lora(tokenizer):
 def test_estimate_is_within_ten_percent_plus_one_megabyte(tmp_path, tokenizer, strategy, build):
     model = build(tokenizer)
     make_trainer(model, tokenizer, tmp_path, CheckpointCallback(strategy), max_steps=2).train()
-    settings = SaveSettings(strategy, tokenizer, None, tmp_path, None)
-    settings.small_files_bytes = measure_small_files(settings, model)
-    real, estimate = size_on_disk(tmp_path / "step_2"), needed_bytes(settings, model)
+    settings, plan = SaveSettings(tokenizer, None, tmp_path, None), strategy.plan(model)
+    small_files = measure_small_files(settings, plan, generation_config(None, strategy.saved_module(model), tokenizer))
+    real, estimate = size_on_disk(tmp_path / "step_2"), plan.stored_bytes + small_files
     assert real <= estimate <= real * 1.1 + 1_000_000, (real, estimate)
 
 

@@ -1,6 +1,7 @@
 """Save metrics reach the Trainer's loggers; the run records its costs and advice; the auto interval
 moves the right way on real short runs."""
 
+import dataclasses
 import json
 import logging
 import time
@@ -12,11 +13,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import TrainerCallback, TrainerState
 
 from conftest import SlowFullModel, entries, make_trainer
-from open_instruct_ckpt import CheckpointCallback, FullModel
-from open_instruct_ckpt._economics import RunEconomics
-from open_instruct_ckpt._manifest import RUN_RECORD_NAME
-from open_instruct_ckpt._metrics import TrainerLog
-from open_instruct_ckpt._stats import SaveStats
+from open_instruct_ckpt import AutoInterval, CheckpointCallback, FullModel, TrainerInterval
+from open_instruct_ckpt._format.manifest import RUN_RECORD_NAME
+from open_instruct_ckpt._measure.economics import RunEconomics
+from open_instruct_ckpt._measure.metrics import TrainerLog
+from open_instruct_ckpt._measure.stats import SaveStats
+from open_instruct_ckpt._write.plan import SmallFile
 from open_instruct_ckpt.tiny import llama_model
 
 METRICS = ("checkpoint/save_seconds", "checkpoint/blocking_seconds", "checkpoint/bytes", "checkpoint/gb_per_s")
@@ -64,7 +66,7 @@ def test_metrics_fall_back_to_log_history_without_a_trainer():
 
 
 def test_run_record_beside_the_checkpoints_with_advice(tmp_path, tokenizer, llama, caplog):
-    callback = CheckpointCallback(FullModel(), mtbf_hours=0.001)
+    callback = CheckpointCallback(FullModel(), interval=TrainerInterval(mtbf_hours=0.001))
     with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
         make_trainer(llama, tokenizer, tmp_path, callback, max_steps=6, save_steps=2).train()
     record = json.loads((tmp_path / RUN_RECORD_NAME).read_text())
@@ -100,7 +102,7 @@ def test_advice_is_logged_once_when_the_optimum_holds_still(caplog):
 
 
 def auto_run(tmp_path, tokenizer, strategy, **callback_args):
-    callback = CheckpointCallback(strategy, failure_probability=1.0, save_interval="auto", **callback_args)
+    callback = CheckpointCallback(strategy, interval=AutoInterval(failure_probability=1.0, **callback_args))
     trainer = make_trainer(llama_model(tokenizer), tokenizer, tmp_path, callback, max_steps=30, save_steps=10)
     trainer.add_callback(SlowSteps())
     trainer.train()
@@ -116,7 +118,7 @@ def test_auto_interval_shortens_when_saves_are_cheap(tmp_path, tokenizer):
 
 
 def test_auto_interval_lengthens_when_saves_are_slow(tmp_path, tokenizer):
-    record, saved = auto_run(tmp_path, tokenizer, SlowFullModel(), max_save_interval=30)
+    record, saved = auto_run(tmp_path, tokenizer, SlowFullModel(), max_steps=30)
     # C ~ 1.5 s: N* = sqrt(2 * 30 * 1.5 / 0.2) ~ 21 steps, above save_steps once the bound is lifted
     assert record["current_interval"] > 10
     steps = sorted(int(name[5:]) for name in saved)
@@ -130,28 +132,9 @@ def test_auto_interval_never_exceeds_save_steps_by_default(tmp_path, tokenizer):
     assert saved == {"step_10", "step_20", "step_30"}
 
 
-@pytest.mark.parametrize("arguments,match", [
-    (dict(save_interval="often"), r"save_interval='often' must be 'trainer' .* or 'auto'"),
-    (dict(save_interval="auto"), r"save_interval='auto' chooses the interval from the failure rate: pass mtbf_hours="),
-    (dict(mtbf_hours=24, failure_probability=0.1), r"pass mtbf_hours or failure_probability, not both"),
-    (dict(mtbf_hours=0), r"mtbf_hours=0 must be a positive, finite number"),
-    (dict(mtbf_hours=float("inf")), r"mtbf_hours=inf must be a positive, finite number"),
-    (dict(mtbf_hours=float("nan")), r"mtbf_hours=nan must be a positive, finite number"),
-    (dict(mtbf_hours=1e307), r"mtbf_hours=1e\+307 is outside \[0.000277778, 8.76e\+09\] hours"),
-    (dict(failure_probability=float("nan")), r"failure_probability=nan must be a positive, finite number"),
-    (dict(failure_probability=1e-300), r"failure_probability=1e-300 is below 1e-12"),
-    (dict(failure_probability=2.0), r"failure_probability=2.0 is a probability: use a number in \(0, 1\]"),
-    (dict(mtbf_hours=24, max_save_interval=100), r"max_save_interval bounds save_interval='auto'"),
-    (dict(mtbf_hours=24, save_interval="auto", max_save_interval=0), r"max_save_interval=0 must be a positive int"),
-])
-def test_bad_interval_arguments_name_the_fix(arguments, match):
-    with pytest.raises(ValueError, match=match):
-        CheckpointCallback(FullModel(), **arguments)
-
-
 def test_auto_interval_needs_a_step_strategy(tmp_path, tokenizer, llama):
-    callback = CheckpointCallback(FullModel(), mtbf_hours=24, save_interval="auto")
-    with pytest.raises(ValueError, match=r"save_interval='auto' adjusts a step interval, but save_strategy='epoch'"):
+    callback = CheckpointCallback(FullModel(), interval=AutoInterval(mtbf_hours=24))
+    with pytest.raises(ValueError, match=r"AutoInterval adjusts a step interval, but save_strategy='epoch'"):
         make_trainer(llama, tokenizer, tmp_path, callback, save_strategy="epoch")
 
 
@@ -165,20 +148,16 @@ def test_progress_bar_follows_disable_tqdm(tmp_path, tokenizer, capsys):
 
 @dataclass(frozen=True)
 class SlowPersistFullModel(FullModel):
-    """The background (persist) half of an async save takes a second; the snapshot is as fast as ever."""
+    """The background half of an async save (writing the small files) takes a second; the snapshot is as fast."""
 
-    def snapshot(self, model, directory, generation_config, arena=None, share=None):
-        persist = super().snapshot(model, directory, generation_config, arena, share)
-
-        def slow_persist():
-            time.sleep(1.0)
-            return persist()
-
-        return slow_persist
+    def plan(self, model, final=False):
+        plan = super().plan(model, final)
+        slow = SmallFile("a slow disk", lambda directory: time.sleep(1.0))
+        return dataclasses.replace(plan, small_files=(*plan.small_files, slow))
 
 
 def test_async_saves_are_measured_once_each_when_their_verdict_is_taken(tmp_path, tokenizer, llama):
-    callback = CheckpointCallback(SlowPersistFullModel(), async_save=True, mtbf_hours=1.0)
+    callback = CheckpointCallback(SlowPersistFullModel(), async_save=True, interval=TrainerInterval(mtbf_hours=1.0))
     trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=4, save_steps=2)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "checkpoint/bytes" in entry]
@@ -190,13 +169,13 @@ def test_async_saves_are_measured_once_each_when_their_verdict_is_taken(tmp_path
 
 
 def test_a_failing_advisor_after_a_published_save_only_warns(tmp_path, tokenizer, llama, monkeypatch, caplog):
-    from open_instruct_ckpt import _advisor
+    from open_instruct_ckpt._measure import advisor as _advisor
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("float division by zero")
 
     monkeypatch.setattr(_advisor, "advise", broken)
-    callback = CheckpointCallback(FullModel(), save_interval="auto", mtbf_hours=24)
+    callback = CheckpointCallback(FullModel(), interval=AutoInterval(mtbf_hours=24))
     with caplog.at_level(logging.WARNING, logger="open_instruct_ckpt"):
         make_trainer(llama, tokenizer, tmp_path, callback, max_steps=6, save_steps=2).train()
     assert entries(tmp_path) == {"step_2", "step_4", "step_6", "final"}

@@ -8,7 +8,7 @@ from collections import namedtuple
 import pytest
 from transformers import TrainerCallback
 
-import open_instruct_ckpt._safetensors as safetensors_writer
+import open_instruct_ckpt._write.safetensors as safetensors_writer
 from conftest import make_trainer
 from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, verify_checkpoint
 

@@ -7,9 +7,7 @@ are checked in seconds.
 
 from __future__ import annotations
 
-import ast
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,44 +16,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
+import open_instruct_ckpt._engines as _gather
 from conftest import training_args
-from open_instruct_ckpt import FullModel, _gather
+from open_instruct_ckpt import FullModel
+from open_instruct_ckpt._write.saver import save_once
 from open_instruct_ckpt.tiny import llama_model
-
-PACKAGE = Path(__file__).resolve().parents[1] / "open_instruct_ckpt"
-
-
-def imports(module: str) -> list[tuple[str, bool]]:
-    """(imported module, at top level?) for every import in open_instruct_ckpt/<module>.py."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    top = {id(node) for node in tree.body}
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, id(node) in top) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = "." * node.level + (node.module or "")
-            found += [(base + alias.name if node.module is None else base, id(node) in top) for alias in node.names]
-    return found
-
-
-def test_deepspeed_is_imported_lazily_and_only_by_the_zero3_engine():
-    for path in PACKAGE.glob("*.py"):
-        for name, top_level in imports(path.stem):
-            if name.split(".")[0] == "deepspeed":
-                assert path.stem == "_zero3" and not top_level, (path.name, name)
-
-
-@pytest.mark.parametrize("module", ["callback", "strategies", "_shards", "_save"])
-def test_only_the_seam_knows_the_engines(module):
-    names = [name for name, _ in imports(module)]
-    assert not [n for n in names if n.endswith(("_zero3", "_fsdp2"))], names
-
-
-@pytest.mark.parametrize("engine", ["_zero3", "_fsdp2"])
-def test_engines_import_nothing_back_up(engine):
-    names = [name for name, _ in imports(engine)]
-    assert not [n for n in names if n.startswith(".")], names
 
 
 @pytest.fixture
@@ -79,10 +44,10 @@ def test_fsdp2_model_saves_as_its_own_class_with_the_unsharded_weights(tokenizer
     assert type(model).__name__ == "FSDPLlamaForCausalLM" and _gather.is_sharded(model.lm_head.weight)
     _gather.check_engine(model)
 
-    FullModel().save(model, tmp_path, None)
+    saved = save_once(FullModel(), model, tokenizer, tmp_path).path
 
     assert _gather.model_class(model) is type(reference)
-    loaded = type(reference).from_pretrained(tmp_path)
+    loaded = type(reference).from_pretrained(saved)
     assert loaded.config.architectures == ["LlamaForCausalLM"]
     for name, tensor in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name

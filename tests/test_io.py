@@ -7,12 +7,11 @@ import pytest
 
 from conftest import make_trainer
 from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, latest_checkpoint
-from open_instruct_ckpt._save import SaveSettings, save
+from open_instruct_ckpt._write.saver import save_once
 
 
 def test_startup_removes_only_our_temporaries_and_restores_orphans(tmp_path, tokenizer, llama):
-    settings = SaveSettings(FullModel(), tokenizer, None, tmp_path, None)
-    save(settings, llama, "step_5", 5, True)
+    save_once(FullModel(), llama, tokenizer, tmp_path, "step_5", 5)
     (tmp_path / "step_5").rename(tmp_path / ".old-step_5-0123456789ab")  # killed between the renames
     ours = [".tmp-step_7-aaaaaaaaaaaa", ".trash-step_1-bbbbbbbbbbbb", ".tmp-final-cccccccccccc"]
     theirs = [".tmp-notes", "data", ".tmp-cache-XYZ", ".old-step_5"]
@@ -29,7 +28,7 @@ def test_startup_removes_only_our_temporaries_and_restores_orphans(tmp_path, tok
 
 def test_second_run_on_a_locked_output_dir_is_refused(tmp_path, tokenizer, llama):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from open_instruct_ckpt._lock import RunLock; "
+        "import sys, time; from pathlib import Path; from open_instruct_ckpt._write.lock import RunLock; "
         f"lock = RunLock(Path({str(tmp_path)!r})); lock.acquire(); print('locked', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -5,8 +5,8 @@ import io
 import os
 from pathlib import Path
 
+from conftest import saver_for
 from open_instruct_ckpt import FullModel
-from open_instruct_ckpt._save import SaveSettings, save
 
 
 def record_calls(monkeypatch, events: list) -> None:
@@ -33,11 +33,11 @@ def record_calls(monkeypatch, events: list) -> None:
 
 
 def test_every_file_is_fsynced_before_the_manifest_and_the_rename(tmp_path, llama, tokenizer, monkeypatch):
-    settings = SaveSettings(FullModel(), tokenizer, None, tmp_path, None)
-    save(settings, llama, "step_1", 1, True)  # a first save, so the second replaces it
+    saver = saver_for(tokenizer, tmp_path)
+    saver.save(llama, "step_1", 1, FullModel())  # a first save, so the second replaces it
     events: list = []
     record_calls(monkeypatch, events)
-    path = save(settings, llama, "step_1", 1, True)
+    path = saver.save(llama, "step_1", 1, FullModel()).path
     monkeypatch.undo()
     rename_in = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(path))
     staging = events[rename_in][1]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from open_instruct_ckpt._lock import LOCK_NAME, RunLock
+from open_instruct_ckpt._write.lock import LOCK_NAME, RunLock
 
 AS_NOBODY = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from open_instruct_ckpt._lock import RunLock
+    from open_instruct_ckpt._write.lock import RunLock
     os.setgid(65534); os.setuid(65534)  # another user than the one who left the lock file
     lock = RunLock(Path(sys.argv[1]))
     lock.acquire()

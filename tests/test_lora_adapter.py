@@ -111,16 +111,16 @@ def test_non_peft_model_is_rejected(tmp_path, tokenizer, llama):
 
 def test_save_reads_only_the_trainable_adapter_tensors(tmp_path, tokenizer, monkeypatch):
     """What a save hands to the gather is what ZeRO-3/FSDP2 would materialise: never the frozen base."""
-    import open_instruct_ckpt.strategies as strategies
+    from open_instruct_ckpt._write import executor
 
     read = []
-    real = strategies.for_each_module_state
+    real = executor.for_each_module_state
 
     def spy(groups, consume):
         read.extend(name for _, tensors in groups for name in tensors)
         return real(groups, consume)
 
-    monkeypatch.setattr(strategies, "for_each_module_state", spy)
+    monkeypatch.setattr(executor, "for_each_module_state", spy)
     config = LoraConfig(r=RANK, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     model, _ = train_lora(tmp_path, tokenizer, config)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

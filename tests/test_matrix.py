@@ -21,13 +21,15 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from conftest import entries, logits, training_args
 from open_instruct_ckpt import (
+    AutoInterval,
     CheckpointCallback,
     FullModel,
     LoRAAdapter,
     ModelAttribute,
-    _safetensors,
+    Upload,
     verify_checkpoint,
 )
+from open_instruct_ckpt._write import safetensors as _safetensors
 from open_instruct_ckpt.tiny import PolicyAndValue, TinyTextDataset, llama_model, llama_tokenizer
 from pairwise import covering_rows, uncovered_pairs
 
@@ -50,9 +52,7 @@ EXPECTED_WARNINGS = ("Preemption signal received",)
 
 
 def allowed(row: dict) -> bool:
-    if row["interval"] == "auto" and row["save_strategy"] != "steps":
-        return False  # refused at start: the auto interval adjusts a step interval
-    return row["writers"] == "main" or row["strategy"] == "full"  # writers is FullModel's option
+    return row["interval"] == "trainer" or row["save_strategy"] == "steps"  # AutoInterval adjusts a step interval
 
 
 ROWS = covering_rows(FACTORS, allowed)
@@ -76,7 +76,7 @@ class Built:
 def build(row: dict, tokenizer) -> Built:
     base = llama_model(tokenizer, tie=row["tied"])
     if row["strategy"] == "full":
-        return Built(base, [FullModel(writers=row["writers"]), FullModel()])
+        return Built(base, [FullModel(), FullModel()])
     if row["strategy"] == "attribute":
         return Built(PolicyAndValue(base), [ModelAttribute("policy"), ModelAttribute("value_head")])
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"],
@@ -96,11 +96,11 @@ def callbacks(row: dict, built: Built, tmp_path: Path) -> list[CheckpointCallbac
     made = []
     for index, strategy in enumerate(built.strategies[:count]):
         options: dict = dict(output_dir=tmp_path / f"out{index}", keep_last=row["keep_last"],
-                             async_save=row["async_save"])
+                             async_save=row["async_save"], writers=row["writers"])
         if row["interval"] == "auto":
-            options.update(save_interval="auto", mtbf_hours=1e6)  # the optimum is capped at save_steps
+            options.update(interval=AutoInterval(mtbf_hours=1e6))  # the optimum is capped at save_steps
         if row["upload"]:
-            options.update(upload_to=str(tmp_path / f"remote{index}"))
+            options.update(upload=Upload(to=str(tmp_path / f"remote{index}")))
         made.append(CheckpointCallback(strategy, **options))
     return made
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import entries, logits, make_trainer
 from open_instruct_ckpt import CheckpointCallback, LoRAAdapter, verify_checkpoint
+from open_instruct_ckpt._write.saver import save_once
 from open_instruct_ckpt.tiny import llama_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -61,15 +62,13 @@ def test_merged_final_loads_without_peft_and_matches_the_peft_model(tmp_path, to
 
 
 def test_the_training_model_is_untouched_and_steps_stay_adapter_only(tmp_path, tokenizer):
-    from open_instruct_ckpt import _merged_lora
+    from open_instruct_ckpt._write import merge as _merged_lora
 
     model = get_peft_model(llama_model(tokenizer), lora_config())
     trainer = make_trainer(model, tokenizer, tmp_path, CheckpointCallback(LoRAAdapter(merged_final=True)))
     trainer.train()
     before = live_snapshot(model)
-    final = LoRAAdapter(merged_final=True).at_final(tokenizer)
-    (tmp_path / "again").mkdir()
-    final.save(model, tmp_path / "again", None)
+    save_once(LoRAAdapter(merged_final=True), model, tokenizer, tmp_path / "again", "final", 4, final=True)
     after = live_snapshot(model)
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
     assert isinstance(model, PeftModel)
@@ -138,8 +137,9 @@ def test_fan_in_fan_out_layers_and_tied_embeddings_merge_like_peft(tmp_path, tok
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1)  # as if trained: a zero lora_B would merge to the base
-    (tmp_path / "final").mkdir()
-    LoRAAdapter(merged_final=True).at_final(tokenizer).save(model, tmp_path / "final", None)
+    gpt2_ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}  # GPT-2's are 50256
+    save_once(LoRAAdapter(merged_final=True), model, tokenizer, tmp_path, "final", 1, final=True,
+              generation_config=gpt2_ids)
     served = AutoModelForCausalLM.from_pretrained(tmp_path / "final" / "merged")
     reference = copy.deepcopy(model).merge_and_unload()
     reference.save_pretrained(tmp_path / "reference")
@@ -152,7 +152,7 @@ def test_fan_in_fan_out_layers_and_tied_embeddings_merge_like_peft(tmp_path, tok
 
 
 def test_a_sharded_merged_model_loads_like_save_pretrained(tmp_path, tokenizer, monkeypatch):
-    from open_instruct_ckpt import _merged_lora
+    from open_instruct_ckpt._write import merge as _merged_lora
 
     monkeypatch.setattr(_merged_lora, "DEFAULT_MAX_SHARD_SIZE", 64 * 1024)
     model = get_peft_model(llama_model(tokenizer), lora_config())
@@ -160,8 +160,7 @@ def test_a_sharded_merged_model_loads_like_save_pretrained(tmp_path, tokenizer, 
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1)
-    (tmp_path / "final").mkdir()
-    LoRAAdapter(merged_final=True).at_final(tokenizer).save(model, tmp_path / "final", None)
+    save_once(LoRAAdapter(merged_final=True), model, tokenizer, tmp_path, "final", 1, final=True)
     merged_dir = tmp_path / "final" / "merged"
     reference = copy.deepcopy(model).merge_and_unload()
     reference.save_pretrained(tmp_path / "reference", max_shard_size=64 * 1024)
@@ -180,10 +179,10 @@ def test_a_bf16_base_merges_in_fp32_and_is_saved_in_bf16_like_merge_and_unload(t
             if "lora_B" in name:
                 parameter.normal_(std=0.1)
     assert any(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_A" in n)  # PEFT's fp32 adapter
-    final = LoRAAdapter(merged_final=True).at_final(tokenizer)
-    assert final.estimate_bytes(model) > sum(p.numel() * 2 for n, p in model.named_parameters() if "lora" not in n)
-    (tmp_path / "final").mkdir()
-    final.save(model, tmp_path / "final", None)
+    strategy = LoRAAdapter(merged_final=True)
+    stored = strategy.plan(model, final=True).stored_bytes
+    assert stored > sum(p.numel() * 2 for n, p in model.named_parameters() if "lora" not in n)
+    save_once(strategy, model, tokenizer, tmp_path, "final", 1, final=True)
     merged = load_file(tmp_path / "final" / "merged" / "model.safetensors")
     reference = copy.deepcopy(model).merge_and_unload().state_dict()
     assert merged.keys() <= reference.keys() and all(t.dtype == torch.bfloat16 for t in merged.values())

@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from open_instruct_ckpt._policy import AutoInterval
+from open_instruct_ckpt._when.policy import AutoSchedule
 
 pytestmark = pytest.mark.distributed
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 def _rank(rank: int, work: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{work}/store", rank=rank, world_size=2)
     try:
-        policy = AutoInterval(max_interval=None)
+        policy = AutoSchedule(max_interval=None)
         policy.start(SimpleNamespace(), SimpleNamespace(save_steps=10, max_steps=100, global_step=0))
         policy.saved(10)
         policy.adopt(4 if rank == 0 else 7)  # only rank 0 (the writer) measured 4; rank 1's 7 is ignored

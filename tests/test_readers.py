@@ -11,10 +11,10 @@ import threading
 
 import pytest
 
+from conftest import saver_for
 from open_instruct_ckpt import FullModel, complete_checkpoints, latest_checkpoint, verify_checkpoint
-from open_instruct_ckpt._readers import read_manifest
-from open_instruct_ckpt._safetensors_header import safetensors_header_problems
-from open_instruct_ckpt._save import SaveSettings, save
+from open_instruct_ckpt._format.readers import read_manifest
+from open_instruct_ckpt._format.safetensors_header import safetensors_header_problems
 
 READERS = (latest_checkpoint, complete_checkpoints)
 
@@ -22,9 +22,9 @@ READERS = (latest_checkpoint, complete_checkpoints)
 @pytest.fixture
 def good(tmp_path, tokenizer, llama):
     """output_dir with a sound step_1 and step_2, where step_2 is the one the tests damage."""
-    settings = SaveSettings(FullModel(), tokenizer, None, tmp_path, None)
-    save(settings, llama, "step_1", 1, True)
-    return save(settings, llama, "step_2", 2, True)
+    saver = saver_for(tokenizer, tmp_path)
+    saver.save(llama, "step_1", 1, FullModel())
+    return saver.save(llama, "step_2", 2, FullModel()).path
 
 
 def within(seconds, function, *args):

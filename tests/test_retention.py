@@ -2,10 +2,9 @@
 
 import os
 
-from conftest import entries, make_trainer
+from conftest import entries, make_trainer, saver_for
 from open_instruct_ckpt import CheckpointCallback, FullModel
-from open_instruct_ckpt._io import prune
-from open_instruct_ckpt._save import SaveSettings, save
+from open_instruct_ckpt._write.files import prune
 
 
 def test_keep_last_defaults_to_save_total_limit_and_orders_by_step(tmp_path, tokenizer, llama):
@@ -15,9 +14,9 @@ def test_keep_last_defaults_to_save_total_limit_and_orders_by_step(tmp_path, tok
 
 
 def test_prune_orders_by_manifest_step_not_mtime_and_renames_aside(tmp_path, tokenizer, llama, monkeypatch):
-    settings = SaveSettings(FullModel(), tokenizer, None, tmp_path, None)
+    saver = saver_for(tokenizer, tmp_path)
     for step in (1, 2, 3):
-        save(settings, llama, f"step_{step}", step, True)
+        saver.save(llama, f"step_{step}", step, FullModel())
     os.utime(tmp_path / "step_1", (2e9, 2e9))  # the oldest step looks newest by mtime
     renames = []
     real_rename = os.rename
@@ -28,8 +27,8 @@ def test_prune_orders_by_manifest_step_not_mtime_and_renames_aside(tmp_path, tok
 
 
 def test_failed_save_prunes_nothing_and_just_saved_is_never_pruned(tmp_path, tokenizer, llama):
-    settings = SaveSettings(FullModel(), tokenizer, None, tmp_path, 1)
-    save(settings, llama, "step_17", 17, True)  # an earlier run got further
-    save(settings, llama, "final", 17, True)
-    path = save(settings, llama, "step_3", 3, True)  # a restarted run (no resume) saves a lower step
+    saver = saver_for(tokenizer, tmp_path, keep_last=1)
+    saver.save(llama, "step_17", 17, FullModel())  # an earlier run got further
+    saver.save(llama, "final", 17, FullModel())
+    path = saver.save(llama, "step_3", 3, FullModel()).path  # a restarted run (no resume) saves a lower step
     assert path.exists() and entries(tmp_path) == {"step_3", "step_17", "final"}

@@ -5,19 +5,19 @@ import json
 
 from conftest import SlowFullModel
 from open_instruct_ckpt import FullModel
-from open_instruct_ckpt._save import SaveSettings, save
-from open_instruct_ckpt._stats import PHASES, SaveStats, StepClock
+from open_instruct_ckpt._measure.stats import PHASES, SaveStats, StepClock
+from open_instruct_ckpt._write.saver import save_once
 
 
-def test_manifest_and_settings_carry_the_save_statistics(tmp_path, tokenizer, llama):
-    settings = SaveSettings(FullModel(), tokenizer, None, tmp_path, None)
-    path = save(settings, llama, "step_3", 3, True)
+def test_manifest_and_result_carry_the_save_statistics(tmp_path, tokenizer, llama):
+    saved = save_once(FullModel(), llama, tokenizer, tmp_path, "step_3", 3)
+    path = saved.path
     manifest = json.loads((path / "checkpoint.json").read_text())
     written = sum(entry["bytes"] for entry in manifest["files"].values())
     recorded = manifest["stats"]
     assert recorded["bytes"] == written and recorded["peak_held_bytes"] > 0
     assert set(recorded["seconds"]) == {"prepare", "write"} and all(s > 0 for s in recorded["seconds"].values())
-    stats = settings.last_stats
+    stats = saved.stats
     assert (stats.name, stats.step, stats.bytes) == ("step_3", 3, written)
     assert tuple(stats.seconds) == PHASES
     assert stats.blocking_seconds == stats.total_seconds == sum(stats.seconds.values())
@@ -28,17 +28,16 @@ def test_manifest_and_settings_carry_the_save_statistics(tmp_path, tokenizer, ll
 
 
 def test_slow_save_time_is_charged_to_the_write_phase(tmp_path, tokenizer, llama):
-    settings = SaveSettings(SlowFullModel(delay=0.3), tokenizer, None, tmp_path, None)
-    save(settings, llama, "step_1", 1, True)
-    assert settings.last_stats.seconds["write"] >= 0.3 > settings.last_stats.seconds["prepare"]
+    stats = save_once(SlowFullModel(delay=0.3), llama, tokenizer, tmp_path, "step_1", 1).stats
+    assert stats.seconds["write"] >= 0.3 > stats.seconds["prepare"]
 
 
 def test_a_bar_for_saves_longer_than_a_second(tmp_path, tokenizer, llama, capsys):
-    save(SaveSettings(SlowFullModel(delay=1.3), tokenizer, None, tmp_path, None, show_progress=True), llama, "step_1", 1, True)
+    save_once(SlowFullModel(delay=1.3), llama, tokenizer, tmp_path, "step_1", 1, show_progress=True)
     assert "saving step_1" in capsys.readouterr().err
-    save(SaveSettings(FullModel(), tokenizer, None, tmp_path, None, show_progress=True), llama, "step_2", 2, True)
+    save_once(FullModel(), llama, tokenizer, tmp_path, "step_2", 2, show_progress=True)
     assert "saving step_2" not in capsys.readouterr().err  # a short save prints nothing
-    save(SaveSettings(SlowFullModel(delay=1.3), tokenizer, None, tmp_path, None, show_progress=False), llama, "step_3", 3, True)
+    save_once(SlowFullModel(delay=1.3), llama, tokenizer, tmp_path, "step_3", 3, show_progress=False)
     assert "saving step_3" not in capsys.readouterr().err
 
 

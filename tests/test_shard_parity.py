@@ -11,8 +11,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from open_instruct_ckpt import FullModel
-from open_instruct_ckpt._gather import stored_nbytes
-from open_instruct_ckpt._shards import INDEX_NAME, plan_shards
+from open_instruct_ckpt._engines import stored_nbytes
+from open_instruct_ckpt._write.layout import INDEX_NAME, pretrained_weights
+from open_instruct_ckpt._write.saver import save_once
 from open_instruct_ckpt.tiny import llama_model, olmo_model
 
 SHARD_BYTES = 20_000  # the tiny models are ~100 KB: several shards
@@ -27,14 +28,9 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
 
 
-def peak_held_bytes(written) -> int:
-    return getattr(written, "peak_held_bytes", written)
-
-
-def save_both(model, tmp_path: Path, max_shard_size) -> tuple[Path, Path]:
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    ours.mkdir()
-    FullModel(max_shard_size=max_shard_size).save(model, ours, None)
+def save_both(model, tokenizer, tmp_path: Path, max_shard_size) -> tuple[Path, Path]:
+    theirs = tmp_path / "theirs"
+    ours = save_once(FullModel(max_shard_size=max_shard_size), model, tokenizer, tmp_path / "ours").path
     if max_shard_size is None:
         model.save_pretrained(theirs)
     else:
@@ -46,7 +42,7 @@ def save_both(model, tmp_path: Path, max_shard_size) -> tuple[Path, Path]:
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_full_model_files_equal_save_pretrained(tokenizer, tmp_path, max_shard_size, tie):
     model = llama_model(tokenizer, tie=tie)
-    ours, theirs = save_both(model, tmp_path, max_shard_size)
+    ours, theirs = save_both(model, tokenizer, tmp_path, max_shard_size)
 
     assert weight_files(ours) == weight_files(theirs)
     assert (len(weight_files(ours)) > 3) == (max_shard_size is not None)
@@ -69,7 +65,7 @@ def test_model_from_pretrained_shards_like_its_save_pretrained(tokenizer, tmp_pa
     # differently from a freshly built model's, which moves tensors between shard files.
     llama_model(tokenizer).save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    ours, theirs = save_both(model, tmp_path, SHARD_BYTES)
+    ours, theirs = save_both(model, tokenizer, tmp_path, SHARD_BYTES)
     assert json.loads((ours / INDEX_NAME).read_text()) == json.loads((theirs / INDEX_NAME).read_text())
     for name in sorted(weight_files(theirs) - {INDEX_NAME}):
         our_tensors, _ = read_tensors(ours / name)
@@ -79,7 +75,7 @@ def test_model_from_pretrained_shards_like_its_save_pretrained(tokenizer, tmp_pa
 
 def test_full_model_config_and_loaded_logits_equal_save_pretrained(olmo_tok, tmp_path):
     model = olmo_model(olmo_tok)
-    ours, theirs = save_both(model, tmp_path, SHARD_BYTES)
+    ours, theirs = save_both(model, olmo_tok, tmp_path, SHARD_BYTES)
     assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -91,15 +87,16 @@ def test_full_model_config_and_loaded_logits_equal_save_pretrained(olmo_tok, tmp
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_peak_held_bytes_stays_within_one_shard_plus_largest_module(tokenizer, tmp_path, tie):
     model = llama_model(tokenizer, tie=tie)
-    plan = plan_shards(model, SHARD_BYTES)
-    largest_module = max(sum(stored_nbytes(t) for t in own.values()) for _, own in plan.groups)
+    weights = pretrained_weights(model, SHARD_BYTES)
+    largest_module = max(sum(stored_nbytes(t) for t in own.values()) for _, own in weights.groups)
 
-    peak = peak_held_bytes(FullModel(max_shard_size=SHARD_BYTES).save(model, tmp_path, None))
+    peak = save_once(FullModel(max_shard_size=SHARD_BYTES), model, tokenizer, tmp_path).stats.peak_held_bytes
 
     assert 0 < peak <= SHARD_BYTES + largest_module
-    assert peak < plan.total_bytes / 2
+    assert peak < weights.stored_bytes / 2
 
 
 def test_unsharded_save_holds_the_whole_model_once(tokenizer, tmp_path):
     model = llama_model(tokenizer)
-    assert peak_held_bytes(FullModel().save(model, tmp_path, None)) == plan_shards(model, None).total_bytes
+    peak = save_once(FullModel(), model, tokenizer, tmp_path).stats.peak_held_bytes
+    assert peak == pretrained_weights(model, None).stored_bytes

@@ -6,7 +6,7 @@ from transformers import TrainerCallback
 
 from conftest import entries, make_trainer
 from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, latest_checkpoint
-from open_instruct_ckpt._readers import read_manifest
+from open_instruct_ckpt._format.readers import read_manifest
 from open_instruct_ckpt.tiny import llama_model
 
 

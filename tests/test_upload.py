@@ -18,16 +18,17 @@ import time
 import uuid
 
 import boto3
+import fsspec
 import pytest
 import torch
 from fsspec.asyn import sync_wrapper
 from moto.server import ThreadedMotoServer
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import entries, logits, make_trainer
-from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, _remote, verify_checkpoint
-from open_instruct_ckpt._save import SaveSettings, save
-from open_instruct_ckpt._upload import Retry, Uploader
+from conftest import entries, logits, make_trainer, saver_for
+from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, Upload, verify_checkpoint
+from open_instruct_ckpt._upload import fsspec_target as _remote
+from open_instruct_ckpt._upload.uploader import Retry
 
 FAST = Retry(tries=3, first_delay_s=0.05, max_delay_s=0.2)
 
@@ -139,14 +140,18 @@ def relay(endpoint):
 
 
 def s3_callback(bucket, **kwargs):
-    callback = CheckpointCallback(FullModel(), upload_to=bucket.url(), upload_storage_options=bucket.options, **kwargs)
-    callback._held.uploader.retry = FAST
-    return callback
+    return CheckpointCallback(FullModel(), upload=Upload(to=bucket.url(), storage_options=bucket.options, retry=FAST),
+                              **kwargs)
 
 
-def record_requests(monkeypatch, callback, fault=None):
+def fs_for(url, options=None):
+    """The fsspec filesystem an upload to `url` uses: fsspec caches one instance per protocol and options."""
+    return fsspec.core.url_to_fs(url, **(options or {}))[0]
+
+
+def record_requests(monkeypatch, url, options, fault=None):
     """Record (operation, key) of every request the uploader's s3fs makes; `fault(op, kwargs)` may raise."""
-    fs = callback._held.uploader.remote.fs
+    fs = fs_for(url, options)
     real, calls = fs._call_s3, []
 
     async def call(method, *args, **kwargs):
@@ -173,7 +178,7 @@ def messages(caplog, level=logging.INFO):
 def test_run_uploads_every_checkpoint_manifest_last_and_the_download_loads(tmp_path, tokenizer, llama, bucket,
                                                                            monkeypatch, caplog):
     callback = s3_callback(bucket)
-    calls = record_requests(monkeypatch, callback)
+    calls = record_requests(monkeypatch, bucket.url(), bucket.options)
     with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
         make_trainer(llama, tokenizer, tmp_path / "out", callback).train()
 
@@ -191,7 +196,7 @@ def test_run_uploads_every_checkpoint_manifest_last_and_the_download_loads(tmp_p
     uploaded = [m for m in messages(caplog) if m.startswith("Uploaded ")]
     assert len(uploaded) == 3 and " bytes in " in uploaded[-1] and bucket.url() in uploaded[-1]
 
-    fs = callback._held.uploader.remote.fs
+    fs = fs_for(bucket.url(), bucket.options)
     fs.get(f"{bucket.name}/run/final/", str(tmp_path / "download") + "/", recursive=True)
     assert verify_checkpoint(tmp_path / "download") == []
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "download")
@@ -217,7 +222,7 @@ class WaitForUpload(TrainerCallback):
 def test_remote_retention_mirrors_keep_last_deleting_the_manifest_first(tmp_path, tokenizer, llama, bucket,
                                                                         monkeypatch):
     callback = s3_callback(bucket)
-    calls = record_requests(monkeypatch, callback)
+    calls = record_requests(monkeypatch, bucket.url(), bucket.options)
     trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=6, save_steps=1, save_total_limit=2)
     trainer.add_callback(WaitForUpload(bucket))
     trainer.train()
@@ -244,7 +249,7 @@ def test_upload_interrupted_midway_is_completed_by_a_retry_and_never_looks_compl
             raise ConnectionResetError("connection reset by peer (injected)")
 
     callback = s3_callback(bucket)
-    calls = record_requests(monkeypatch, callback, reset_once)
+    calls = record_requests(monkeypatch, bucket.url(), bucket.options, reset_once)
     with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
         make_trainer(llama, tokenizer, tmp_path, callback).train()
 
@@ -270,7 +275,7 @@ def test_an_object_stored_differently_from_the_manifest_is_uploaded_again(tmp_pa
             damaged.append(len(body))
 
     callback = s3_callback(bucket)
-    record_requests(monkeypatch, callback, corrupt_once)
+    record_requests(monkeypatch, bucket.url(), bucket.options, corrupt_once)
     with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
         make_trainer(llama, tokenizer, tmp_path, callback, max_steps=2).train()
 
@@ -285,13 +290,13 @@ def test_objects_too_large_for_one_put_go_through_s3fs_and_are_checked_by_size(t
                                                                                monkeypatch):
     monkeypatch.setattr(_remote, "SINGLE_PUT_BYTES", 0)  # every file takes the path of multi-GB shards
     callback = s3_callback(bucket)
-    calls = record_requests(monkeypatch, callback)
+    calls = record_requests(monkeypatch, bucket.url(), bucket.options)
     make_trainer(llama, tokenizer, tmp_path, callback, max_steps=2).train()
     assert bucket.tree()["step_2"] == local_files(tmp_path / "step_2")
     assert ("put_object", "run/step_2/model.safetensors") in calls
     head = bucket.client.head_object(Bucket=bucket.name, Key="run/step_2/model.safetensors", ChecksumMode="ENABLED")
     assert "ChecksumSHA256" not in head  # size is all that is compared for these
-    fs = callback._held.uploader.remote.fs
+    fs = fs_for(bucket.url(), bucket.options)
     fs.get(f"{bucket.name}/run/step_2/", str(tmp_path / "download") + "/", recursive=True)
     assert verify_checkpoint(tmp_path / "download") == []
 
@@ -348,13 +353,13 @@ def test_a_failing_upload_never_stops_training_and_is_reported_at_the_end(tmp_pa
 
 def test_a_replaced_checkpoint_loses_its_remote_manifest_first_and_its_stale_files(tmp_path, tokenizer, llama,
                                                                                    bucket, monkeypatch):
-    first = CheckpointCallback(FullModel(max_shard_size=40_000), upload_to=bucket.url(),
-                               upload_storage_options=bucket.options)
+    first = CheckpointCallback(FullModel(max_shard_size=40_000),
+                               upload=Upload(to=bucket.url(), storage_options=bucket.options))
     make_trainer(llama, tokenizer, tmp_path, first, max_steps=2).train()
     assert "model-00001-of-00003.safetensors" in bucket.tree()["step_2"]
 
     second = s3_callback(bucket, existing_checkpoints="supersede")
-    calls = record_requests(monkeypatch, second)
+    calls = record_requests(monkeypatch, bucket.url(), bucket.options)
     make_trainer(llama, tokenizer, tmp_path, second, max_steps=2).train()
 
     assert bucket.tree()["step_2"] == local_files(tmp_path / "step_2")
@@ -370,8 +375,8 @@ def test_a_replaced_checkpoint_loses_its_remote_manifest_first_and_its_stale_fil
 # -- refused before training ----------------------------------------------------------------------
 
 def test_a_missing_bucket_is_refused_before_training(tmp_path, tokenizer, llama, bucket):
-    callback = CheckpointCallback(FullModel(), upload_to=f"s3://{bucket.name}-missing/run",
-                                  upload_storage_options=bucket.options)
+    callback = CheckpointCallback(FullModel(), upload=Upload(to=f"s3://{bucket.name}-missing/run",
+                                                             storage_options=bucket.options))
     trainer = make_trainer(llama, tokenizer, tmp_path, callback)
     with pytest.raises(CheckpointError, match=r"is not writable \(FileNotFoundError.*the bucket \(or directory\) does "
                                               r"not exist: create it first, or fix the URL\. Nothing was trained yet"):
@@ -384,13 +389,13 @@ def test_a_missing_bucket_is_refused_before_training(tmp_path, tokenizer, llama,
 def test_a_store_that_never_answers_fails_the_start_within_upload_timeout_s(tmp_path, tokenizer, llama, bucket,
                                                                            hung):
     options = dict(bucket.options, client_kwargs={"endpoint_url": hung.url})
-    callback = CheckpointCallback(FullModel(), upload_to=bucket.url(), upload_storage_options=options,
-                                  upload_timeout_s=2)
+    callback = CheckpointCallback(FullModel(), upload=Upload(to=bucket.url(), storage_options=options, timeout_s=2))
     trainer = make_trainer(llama, tokenizer, tmp_path, callback)
     started = time.monotonic()
-    with pytest.raises(CheckpointError, match=rf"upload_to='{bucket.url()}': {re.escape(hung.url)} did not answer "
-                                              r"within upload_timeout_s=2 s \(writing a probe object\); check that the "
-                                              r"endpoint is up and reachable, or raise upload_timeout_s\. Nothing was"):
+    with pytest.raises(CheckpointError, match=rf"Upload\(to='{bucket.url()}'\): {re.escape(hung.url)} did not answer "
+                                              r"within Upload\(timeout_s=2\) s \(writing a probe object\); check that "
+                                              r"the endpoint is up and reachable, or raise Upload\(timeout_s=\.\.\.\)\. "
+                                              r"Nothing was"):
         trainer.train()
     took = time.monotonic() - started
     print(f"hung endpoint: train() raised after {took:.2f} s (upload_timeout_s=2)")
@@ -402,23 +407,27 @@ def test_a_store_that_never_answers_fails_the_start_within_upload_timeout_s(tmp_
 
 @pytest.mark.parametrize("url, error, message", [
     ("nosuchproto://bucket/run", ValueError, r"fsspec knows no protocol 'nosuchproto'; use s3://bucket/prefix"),
-    ("s3://", ValueError, r"upload_to='s3://' names no bucket or directory"),
-    (42, TypeError, r"upload_to=42 must be a URL string"),
+    ("s3://", ValueError, r"Upload\(to='s3://'\) names no bucket or directory"),
+    (42, TypeError, r"Upload\(to=42\) must be a URL string"),
 ])
 def test_bad_upload_urls_are_refused_at_construction(url, error, message):
     with pytest.raises(error, match=message):
-        CheckpointCallback(FullModel(), upload_to=url)
+        Upload(to=url)
 
 
 def test_bad_upload_options_are_refused_at_construction(tmp_path):
-    with pytest.raises(TypeError, match=r"upload_storage_options='key=x' must be a dict"):
-        CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_storage_options="key=x")
-    with pytest.raises(ValueError, match=r"upload_wait_s=0 must be a positive number of seconds, or None"):
-        CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_wait_s=0)
+    with pytest.raises(TypeError, match=r"Upload\(storage_options='key=x'\) must be a dict"):
+        Upload(to=str(tmp_path), storage_options="key=x")
+    with pytest.raises(ValueError, match=r"Upload\(wait_s=0\) must be a positive number of seconds, or None"):
+        Upload(to=str(tmp_path), wait_s=0)
     for timeout in (0, -1, None, True, "60"):
-        with pytest.raises(ValueError, match=rf"upload_timeout_s={re.escape(repr(timeout))} must be a positive number "
-                                             r"of seconds: how long the store may leave one request unanswered"):
-            CheckpointCallback(FullModel(), upload_to=str(tmp_path), upload_timeout_s=timeout)
+        with pytest.raises(ValueError, match=rf"Upload\(timeout_s={re.escape(repr(timeout))}\) must be a positive "
+                                             r"number of seconds"):
+            Upload(to=str(tmp_path), timeout_s=timeout)
+    with pytest.raises(ValueError, match=r"Retry\(tries=0\) must be an int of at least 1"):
+        Upload(to=str(tmp_path), retry=Retry(tries=0))
+    with pytest.raises(ValueError, match=r"\['wait_s'\] configure an upload but upload_to is missing"):
+        CheckpointCallback(FullModel(), upload_wait_s=-5)  # the deprecated spelling, without a target
 
 
 _WITHOUT_S3FS = """
@@ -429,9 +438,10 @@ class NotInstalled:
             raise ImportError(f"No module named {name!r}")
 sys.meta_path.insert(0, NotInstalled())
 from open_instruct_ckpt import CheckpointCallback, FullModel
-CheckpointCallback(FullModel(), upload_to=sys.argv[1])  # a local target needs no extra
+from open_instruct_ckpt import Upload
+CheckpointCallback(FullModel(), upload=Upload(to=sys.argv[1]))  # a local target needs no extra
 try:
-    CheckpointCallback(FullModel(), upload_to="s3://bucket/run")
+    Upload(to="s3://bucket/run")
 except ImportError as exc:
     print(exc)
 """
@@ -442,12 +452,12 @@ def test_without_the_s3_extra_the_package_imports_and_s3_urls_name_the_install_c
     done = subprocess.run([sys.executable, "-c", _WITHOUT_S3FS, str(tmp_path)], capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "upload_to='s3://bucket/run' needs the s3:// filesystem" in done.stdout
+    assert "Upload(to='s3://bucket/run') needs the s3:// filesystem" in done.stdout
     assert 'pip install "open_instruct_ckpt[s3]"' in done.stdout
 
 
 def test_a_local_target_inside_output_dir_is_refused(tmp_path, tokenizer, llama):
-    callback = CheckpointCallback(FullModel(), upload_to=str(tmp_path / "backup"))
+    callback = CheckpointCallback(FullModel(), upload=Upload(to=str(tmp_path / "backup")))
     with pytest.raises(ValueError, match=r"is output_dir .* or inside it; choose a directory outside it"):
         make_trainer(llama, tokenizer, tmp_path, callback).train()
 
@@ -456,7 +466,7 @@ def test_a_local_target_inside_output_dir_is_refused(tmp_path, tokenizer, llama)
 
 def test_a_local_directory_target_gets_loadable_checkpoints_and_retention(tmp_path, tokenizer, llama):
     target = tmp_path / "remote"
-    callback = CheckpointCallback(FullModel(), upload_to=f"file://{target}")
+    callback = CheckpointCallback(FullModel(), upload=Upload(to=f"file://{target}"))
     make_trainer(llama, tokenizer, tmp_path / "out", callback, max_steps=6, save_total_limit=1).train()
     assert entries(target) == entries(tmp_path / "out") == {"step_6", "final"}
     assert verify_checkpoint(target / "final") == []
@@ -465,10 +475,10 @@ def test_a_local_directory_target_gets_loadable_checkpoints_and_retention(tmp_pa
 
 
 def test_a_checkpoint_pruned_before_its_turn_is_skipped_quietly(tmp_path, tokenizer, llama, caplog):
-    settings = SaveSettings(FullModel(), tokenizer, None, tmp_path / "out", None)
-    old, new = (save(settings, llama, f"step_{step}", step, True) for step in (1, 2))
-    uploader = Uploader(str(tmp_path / "remote"), None, 30)
-    uploader.open(settings.output_dir, None)
+    saver = saver_for(tokenizer, tmp_path / "out")
+    old, new = (saver.save(llama, f"step_{step}", step, FullModel()).path for step in (1, 2))
+    uploader = Upload(to=str(tmp_path / "remote"), timeout_s=30).uploader()
+    uploader.open(tmp_path / "out", None)
     (old / "checkpoint.json").unlink()  # pruning removes the manifest first
     with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
         uploader.enqueue(old)
@@ -481,8 +491,8 @@ def test_a_checkpoint_pruned_before_its_turn_is_skipped_quietly(tmp_path, tokeni
 
 def test_train_end_waits_at_most_upload_wait_s_and_never_leaves_a_manifest(tmp_path, tokenizer, llama, monkeypatch,
                                                                            caplog):
-    callback = CheckpointCallback(FullModel(), upload_to=str(tmp_path / "remote"), upload_wait_s=0.5)
-    fs = callback._held.uploader.remote.fs
+    callback = CheckpointCallback(FullModel(), upload=Upload(to=str(tmp_path / "remote"), wait_s=0.5))
+    fs = fs_for(str(tmp_path / "remote"))
     real_put = fs.put_file
 
     def slow_put(local, remote, **kwargs):
@@ -496,7 +506,7 @@ def test_train_end_waits_at_most_upload_wait_s_and_never_leaves_a_manifest(tmp_p
         make_trainer(llama, tokenizer, tmp_path / "out", callback).train()
     assert time.monotonic() - started < 20
     [warning] = [m for m in messages(caplog, logging.WARNING) if "did not finish" in m]
-    assert "upload_wait_s=0.5 s" in warning and "copy them by hand, checkpoint.json last" in warning
+    assert "Upload(wait_s=0.5) s" in warning and "copy them by hand, checkpoint.json last" in warning
     # the one in progress is named, with the file it was on
     assert re.search(r"not uploaded: (step_4|final) \(in progress: uploading \1/[\w.]+ \(\d+ bytes\)", warning), warning
     assert not (tmp_path / "remote" / "final" / "checkpoint.json").exists()
@@ -507,8 +517,8 @@ def test_train_end_stops_waiting_for_an_upload_stuck_on_a_store_that_stopped_ans
                                                                                        bucket, relay, monkeypatch,
                                                                                        caplog):
     options = dict(bucket.options, client_kwargs={"endpoint_url": relay.url})
-    callback = CheckpointCallback(FullModel(), upload_to=bucket.url(), upload_storage_options=options,
-                                  upload_wait_s=30, upload_timeout_s=2)
+    callback = CheckpointCallback(FullModel(), upload=Upload(to=bucket.url(), storage_options=options, wait_s=30,
+                                                             timeout_s=2))
     stalled_at = []
 
     def stall_at_the_weights(method, kwargs):  # the start-up probe and the first files get through
@@ -516,7 +526,7 @@ def test_train_end_stops_waiting_for_an_upload_stuck_on_a_store_that_stopped_ans
             relay.stall()
             stalled_at.append(time.monotonic())
 
-    record_requests(monkeypatch, callback, stall_at_the_weights)
+    record_requests(monkeypatch, bucket.url(), options, stall_at_the_weights)
     with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
         make_trainer(llama, tokenizer, tmp_path / "out", callback).train()
     took = time.monotonic() - stalled_at[0]
@@ -524,7 +534,7 @@ def test_train_end_stops_waiting_for_an_upload_stuck_on_a_store_that_stopped_ans
 
     assert took < 2 + 8  # not upload_wait_s=30
     [warning] = [m for m in messages(caplog, logging.WARNING) if "stopped waiting" in m]
-    assert f"{relay.url} has not answered for " in warning and "(upload_timeout_s=2)" in warning
+    assert f"{relay.url} has not answered for " in warning and "(Upload(timeout_s=2))" in warning
     assert "while uploading step_2/model.safetensors" in warning
     assert "not uploaded: step_2 (in progress: uploading step_2/model.safetensors" in warning
     assert "step_4 (queued), final (queued)" in warning and "copy them by hand, checkpoint.json last" in warning
@@ -533,9 +543,9 @@ def test_train_end_stops_waiting_for_an_upload_stuck_on_a_store_that_stopped_ans
 
 
 def test_a_signal_during_the_train_end_upload_wait_ends_it_at_once(tmp_path, tokenizer, llama, monkeypatch, caplog):
-    callback = CheckpointCallback(FullModel(), upload_to=str(tmp_path / "remote"), upload_wait_s=30,
+    callback = CheckpointCallback(FullModel(), upload=Upload(to=str(tmp_path / "remote"), wait_s=30),
                                   preemption_signals=(signal.SIGUSR1,))
-    fs = callback._held.uploader.remote.fs
+    fs = fs_for(str(tmp_path / "remote"))
     real_put, release, signalled_at = fs.put_file, threading.Event(), []
 
     def kill():  # as `kill -USR1` from outside, while train end waits for final/
@@ -576,8 +586,9 @@ def test_the_signal_that_stopped_training_leaves_the_upload_wait_to_run(tmp_path
             if state.global_step == 1:
                 signal.raise_signal(signal.SIGUSR1)
 
-    callback = CheckpointCallback(FullModel(), upload_to=str(tmp_path / "remote"), preemption_signals=(signal.SIGUSR1,))
-    fs = callback._held.uploader.remote.fs
+    callback = CheckpointCallback(FullModel(), upload=Upload(to=str(tmp_path / "remote")),
+                                  preemption_signals=(signal.SIGUSR1,))
+    fs = fs_for(str(tmp_path / "remote"))
     real_put = fs.put_file
 
     def slow_put(local, remote, **kwargs):  # step_2's upload still runs when train end starts to wait

@@ -6,12 +6,12 @@ import sys
 import pytest
 
 from open_instruct_ckpt import FullModel, verify_checkpoint
-from open_instruct_ckpt._save import SaveSettings, save
+from open_instruct_ckpt._write.saver import save_once
 
 
 @pytest.fixture
 def checkpoint(tmp_path, tokenizer, llama):
-    return save(SaveSettings(FullModel(), tokenizer, None, tmp_path, None), llama, "step_1", 1, True)
+    return save_once(FullModel(), llama, tokenizer, tmp_path, "step_1", 1).path
 
 
 def test_sound_checkpoint(checkpoint):

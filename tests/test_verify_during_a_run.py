@@ -3,14 +3,17 @@ a checkpoint replaced under its name are not damage. Threads and events order th
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import TrainerCallback
 
-from conftest import make_trainer
-from open_instruct_ckpt import CheckpointCallback, FullModel, _inspect, _readers, cli
-from open_instruct_ckpt._save import SaveSettings, save
+from conftest import make_trainer, saver_for
+from open_instruct_ckpt import CheckpointCallback, FullModel, cli
+from open_instruct_ckpt._format import inspect as _inspect
+from open_instruct_ckpt._format import readers as _readers
 from open_instruct_ckpt.tiny import llama_model, llama_tokenizer
 
 WAIT = 60  # seconds; only reached if an ordering broke
@@ -116,15 +119,23 @@ def test_a_checkpoint_pruned_while_its_files_are_read_is_removed_not_corrupt(tmp
 class VerifyingFullModel(FullModel):
     """A real FullModel save that runs `verify OUTPUT_DIR` first, while its staging directory is the only entry."""
 
+    output_dir: Path | None = None
     codes: list = field(default_factory=list, compare=False, repr=False)
 
-    def save(self, model, directory, generation_config):
-        self.codes.append(cli.main(["verify", str(directory.parent)]))
-        return super().save(model, directory, generation_config)
+    def plan(self, model, final=False):
+        plan = super().plan(model, final)
+        transform = plan.weights.transform
+
+        def verifying(state):
+            if not self.codes:  # the first module's gather: the staging directory exists, nothing is published
+                self.codes.append(cli.main(["verify", str(self.output_dir)]))
+            return transform(state)
+
+        return dataclasses.replace(plan, weights=dataclasses.replace(plan.weights, transform=verifying))
 
 
 def test_an_output_directory_with_only_a_save_in_progress_is_not_corrupt(tmp_path, capsys):
-    tokenizer, strategy = llama_tokenizer(), VerifyingFullModel()
+    tokenizer, strategy = llama_tokenizer(), VerifyingFullModel(output_dir=tmp_path)
     make_trainer(llama_model(tokenizer), tokenizer, tmp_path, CheckpointCallback(strategy), max_steps=2).train()
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith((str(tmp_path), "  "))]
     assert printed[:2] == [f"{tmp_path}: SAVING", printed[1]] and strategy.codes[0] == 0
@@ -133,8 +144,8 @@ def test_an_output_directory_with_only_a_save_in_progress_is_not_corrupt(tmp_pat
 
 def test_a_checkpoint_replaced_under_its_name_during_the_check_is_checked_again(tmp_path, monkeypatch, capsys):
     tokenizer = llama_tokenizer()
-    settings = SaveSettings(FullModel(), tokenizer, None, tmp_path, None)
-    save(settings, llama_model(tokenizer), "final", 4, True)
+    saver = saver_for(tokenizer, tmp_path)
+    saver.save(llama_model(tokenizer), "final", 4, FullModel())
     opening, opened = _readers.open_inside, []
 
     def open_inside(directory, relative):
@@ -142,7 +153,7 @@ def test_a_checkpoint_replaced_under_its_name_during_the_check_is_checked_again(
         if len(opened) == 2:  # the old manifest is read: a new final/ with other weights takes its name
             replacement = llama_model(tokenizer)
             replacement.lm_head.weight.data.add_(1.0)
-            save(settings, replacement, "final", 4, True)
+            saver.save(replacement, "final", 4, FullModel())
         return opening(directory, relative)
 
     monkeypatch.setattr(_readers, "open_inside", open_inside)

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, OlmoeConfig, OlmoeForCausalLM
 
 from conftest import logits
 from open_instruct_ckpt import FullModel
+from open_instruct_ckpt._write.saver import save_once
 
 
 def tiny_olmoe(vocab_size):
@@ -21,9 +22,7 @@ def test_fused_experts_are_split_back_like_save_pretrained(tmp_path, tokenizer):
     model = tiny_olmoe(len(tokenizer))
     assert any("experts.gate_up_proj" in name for name, _ in model.named_parameters())
     model.save_pretrained(tmp_path / "reference")
-    ours = tmp_path / "ours"
-    ours.mkdir()
-    FullModel(max_shard_size=20_000).save(model, ours, None)
+    ours = save_once(FullModel(max_shard_size=20_000), model, tokenizer, tmp_path / "ours").path
     reference = load_file(tmp_path / "reference" / "model.safetensors")
     saved = {}
     for shard in ours.glob("model-*.safetensors"):

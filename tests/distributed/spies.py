@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from open_instruct_ckpt import _gather
+import open_instruct_ckpt._engines as _gather
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _PATH_EVENTS = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "shutil.rmtree": 1, "os.truncate": 1,

@@ -1,5 +1,6 @@
-"""FullModel(writers="all"), 2 processes (ZeRO-3 and FSDP2, gloo): each rank writes its share of the shard files, and the
-checkpoint is byte-identical to the one rank 0 alone writes (writers="main") for the same run."""
+"""writers="all", 2 processes (ZeRO-3 and FSDP2, gloo), sync and async: each rank writes its share of the shard files
+(async: each rank stages its share and writes it in its own background thread), and the checkpoint is byte-identical
+to the one rank 0 alone writes (writers="main") for the same run."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ def _files(directory):
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.name != "checkpoint.json"}
 
 
-@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
-def test_all_writers_checkpoint_is_byte_identical_to_one_writer(launched, engine):
+@pytest.mark.parametrize("engine,mode", [("zero3", "sync"), ("fsdp2", "sync"), ("zero3", "async"), ("fsdp2", "async")])
+def test_all_writers_checkpoint_is_byte_identical_to_one_writer(launched, engine, mode):
     args = (*ARGS, "--engine", engine)
-    one, every = launched(*args).check(), launched(*args, "--writers", "all").check()
+    extra = ("--async-save",) if mode == "async" else ()
+    one, every = launched(*args).check(), launched(*args, "--writers", "all", *extra).check()
     ours, reference = every.checkpoints / "step_2", one.checkpoints / "step_2"
     assert verify_checkpoint(ours) == []  # every rank's sha256 reached the manifest
     assert _files(ours) == _files(reference) and len([n for n in _files(ours) if n.startswith("model-")]) > 2
@@ -33,14 +35,11 @@ def test_all_writers_checkpoint_is_byte_identical_to_one_writer(launched, engine
 
 
 def test_all_writers_on_storage_that_is_not_shared_fail_before_training_naming_writers_main(launched):
-    run = launched(*ARGS, "--engine", "fsdp2", "--writers", "all", "--unshared-output-dir", "--async-save",
-                   "--expect-error")
+    run = launched(*ARGS, "--engine", "fsdp2", "--writers", "all", "--unshared-output-dir", "--expect-error")
     run.check_expected_error()
-    assert any("async_save=True with FullModel(writers='all') saves synchronously" in warning
-               for warning in run.report(0)["warnings"])
     for rank in (0, 1):
         report = run.report(rank)
         assert "writers='all' needs output_dir on a filesystem shared by every rank" in report["error"], report["error"]
-        assert "use FullModel(writers='main')" in report["error"]
+        assert "use writers='main'" in report["error"]
         assert "save_started" not in report  # refused at on_train_begin, before the first step
     assert not list((run.out / "storage0" / "ckpt").glob("step_*"))

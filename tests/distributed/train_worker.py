@@ -35,8 +35,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute, _gather, _safetensors
-from open_instruct_ckpt._shards import plan_shards
+import open_instruct_ckpt._engines as _gather
+from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter, ModelAttribute
+from open_instruct_ckpt._format.manifest import RUN_RECORD_NAME
+from open_instruct_ckpt._write import safetensors as _safetensors
+from open_instruct_ckpt._write.layout import pretrained_weights
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_model, llama_tokenizer
 
 PROBE_IDS = [[5, 6, 7, 8, 9, 10, 11, 12]]
@@ -238,41 +241,6 @@ class Reference(TrainerCallback):
         return param.requires_grad or (self.opts.lora_embeddings and name.endswith(EMBEDDINGS))
 
 
-class Recording:
-    """A SaveStrategy that delegates to `inner` and keeps the peak bytes each save returns."""
-
-    def __init__(self, inner, peaks: list) -> None:
-        self.inner, self.peaks = inner, peaks
-
-    def check(self, model):
-        return self.inner.check(model)
-
-    def saved_module(self, model):
-        return self.inner.saved_module(model)
-
-    def estimate_bytes(self, model):
-        return self.inner.estimate_bytes(model)
-
-    def at_final(self, tokenizer):
-        final = self.inner.at_final(tokenizer) if hasattr(self.inner, "at_final") else self.inner
-        return self if final is self.inner else Recording(final, self.peaks)
-
-    def save(self, model, directory, generation_config):
-        written = self.inner.save(model, directory, generation_config)
-        self.peaks.append(getattr(written, "peak_held_bytes", written))
-        return written
-
-    def snapshot(self, model, directory, generation_config, arena=None, *share):
-        return self.inner.snapshot(model, directory, generation_config, arena, *share)
-
-    @property
-    def writers(self):
-        return getattr(self.inner, "writers", "main")
-
-    def __repr__(self) -> str:
-        return repr(self.inner)
-
-
 def capture_warnings(report: dict) -> None:
     import logging
 
@@ -317,20 +285,27 @@ def set_up_processes(opts: argparse.Namespace, report: dict) -> int:
 
 
 def record_plan(report: dict, strategy, model: nn.Module, max_shard_size) -> None:
-    plan = plan_shards(strategy.saved_module(model), max_shard_size)
-    report["largest_group_bytes"] = max(sum(_gather.stored_nbytes(t) for t in own.values()) for _, own in plan.groups)
-    report["model_bytes"] = plan.total_bytes
+    weights = pretrained_weights(strategy.saved_module(model), max_shard_size)
+    report["largest_group_bytes"] = max(sum(_gather.stored_nbytes(t) for t in own.values()) for _, own in weights.groups)
+    report["model_bytes"] = weights.stored_bytes
 
 
-def make_trainer(opts: argparse.Namespace, report: dict, peaks: list, gathered: list, gather_bytes: list):
+def recorded_peaks(opts: argparse.Namespace) -> list[int]:
+    """The writer's peak bytes held by each step save, as the run recorded them (none on other ranks)."""
+    record = Path("ckpt" if opts.unshared_output_dir else opts.out / "ckpt") / RUN_RECORD_NAME
+    if not record.is_file():
+        return []
+    return [save["peak_held_bytes"] for save in json.loads(record.read_text())["saves"]]
+
+
+def make_trainer(opts: argparse.Namespace, report: dict, gathered: list, gather_bytes: list):
     from transformers import Trainer
 
     args, tokenizer = training_args(opts), llama_tokenizer()
     model, strategy_class = build(opts.strategy, tokenizer, opts.tie, opts.lora_embeddings, opts.merged_final)
-    writers = {"writers": opts.writers} if opts.writers != "main" else {}
-    strategy = strategy_class(max_shard_size=opts.max_shard_size, **writers)
-    callback = CheckpointCallback(Recording(strategy, peaks), trainer_checkpoints=opts.trainer_checkpoints or None,
-                                  async_save=opts.async_save)
+    strategy = strategy_class(max_shard_size=opts.max_shard_size)
+    callback = CheckpointCallback(strategy, trainer_checkpoints=opts.trainer_checkpoints or None,
+                                  async_save=opts.async_save, writers=opts.writers)
     spy_on_gathers(model, gathered, gather_bytes, deepspeed=opts.engine in DEEPSPEED)
     report.update(should_save=args.should_save, world_size=args.world_size)
     if args.should_save and opts.strategy != "lora":
@@ -353,21 +328,22 @@ def main() -> None:
     report: dict = {"audit": []}
     rank = set_up_processes(opts, report)
     capture_warnings(report)
-    peaks, gathered, gather_bytes = [], [], []
+    gathered, gather_bytes = [], []
     trainer, error = None, None
     try:
-        trainer = make_trainer(opts, report, peaks, gathered, gather_bytes)
+        trainer = make_trainer(opts, report, gathered, gather_bytes)
         trainer.train()
     except Exception as exc:  # reported for the tests to compare across ranks
         error = exc
         report.update(error=f"{type(exc).__name__}: {exc}", error_at=time.time(), traceback=traceback.format_exc())
     finally:
         allow_file_writes()
-    report.update(rank=rank, peaks=peaks, gathered=gathered, gather_bytes=gather_bytes)
+    report.update(rank=rank, gathered=gathered, gather_bytes=gather_bytes, peaks=recorded_peaks(opts))
     if trainer is not None:
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointCallback))
         report.update(wrapped=type(trainer.model_wrapped).__name__, preempted=callback.preempted,
-                      stopped_at=trainer.state.global_step)
+                      stopped_at=trainer.state.global_step,
+                      staging_capacity=callback.saver.staging_capacity if callback.saver is not None else 0)
     (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
     if error is not None and not opts.expect_error:
         raise error

@@ -24,7 +24,7 @@ import ops  # noqa: E402
 import scenarios  # noqa: E402
 
 from open_instruct_ckpt import complete_checkpoints, latest_checkpoint  # noqa: E402
-from open_instruct_ckpt._manifest import is_checkpoint_name  # noqa: E402
+from open_instruct_ckpt._format.manifest import is_checkpoint_name  # noqa: E402
 
 
 def in_child(work, output_dir: Path, crash_at: int | None, log_path: Path | None = None) -> str:

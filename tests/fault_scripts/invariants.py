@@ -7,8 +7,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from open_instruct_ckpt._manifest import MANIFEST_NAME, is_checkpoint_name
-from open_instruct_ckpt._readers import read_manifest, verify_checkpoint
+from open_instruct_ckpt._format.manifest import MANIFEST_NAME, is_checkpoint_name
+from open_instruct_ckpt._format.readers import read_manifest, verify_checkpoint
 
 TEMPORARY_PREFIXES = (".tmp-", ".old-", ".trash-")
 _loaded_ok: set[str] = set()

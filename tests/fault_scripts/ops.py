@@ -13,10 +13,10 @@ import shutil
 import signal
 from pathlib import Path
 
-import open_instruct_ckpt._shards as shards
+import open_instruct_ckpt._write.layout as shards
 
 try:  # the streaming safetensors writer, where present; else safetensors' own save_file
-    import open_instruct_ckpt._safetensors as safetensors_writer
+    import open_instruct_ckpt._write.safetensors as safetensors_writer
 except ImportError:
     safetensors_writer = None
 

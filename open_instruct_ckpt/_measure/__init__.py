@@ -1,0 +1,1 @@
+"""Measurements: save statistics, checkpoint economics, the interval advisor, metrics for the Trainer's loggers."""

@@ -1,0 +1,1 @@
+"""WHEN to save: the save schedule and interval policy, preemption signals, argument checks."""
