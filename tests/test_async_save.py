@@ -1,6 +1,6 @@
 """Async saves: the snapshot is a true copy; failures, preemption and train end wait for the background save.
 
-The background is held back where ordering matters by wrapping `_safetensors.write` (the file
+The background is held back where ordering matters by wrapping `_safetensors.open_stream` (the file
 write itself stays real): a test can then change the weights, or signal, while a save is in flight.
 """
 
@@ -36,14 +36,14 @@ class PauseAfterStep(TrainerCallback):
 @pytest.fixture
 def held_writes(monkeypatch):
     """Shard writes wait until `release` is set; `started` is set when the first one is reached."""
-    real, release, started = _safetensors.write, threading.Event(), threading.Event()
+    real, release, started = _safetensors.open_stream, threading.Event(), threading.Event()
 
     def write(*args, **kwargs):
         started.set()
         assert release.wait(60), "the test never released the background write"
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_safetensors, "write", write)
+    monkeypatch.setattr(_safetensors, "open_stream", write)
     return release, started
 
 
@@ -74,17 +74,24 @@ def test_one_save_in_flight_at_most(tmp_path, tokenizer, llama, held_writes):
 
 
 def test_background_failure_raises_at_next_step_end_and_keeps_previous(tmp_path, tokenizer, llama, monkeypatch):
-    real, calls = _safetensors.write, []
+    real, failed = _safetensors.open_stream, threading.Event()
 
     def fails_on_second_save(path, *args, **kwargs):
-        calls.append(path)
         if ".tmp-step_4-" in str(path):
+            failed.set()
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(_safetensors, "write", fails_on_second_save)
+    class StepFiveAfterTheFailure(TrainerCallback):  # however slow the (niced) background thread is here
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                assert failed.wait(60)
+                time.sleep(0.5)  # the thread records its failure and ends
+
+    monkeypatch.setattr(_safetensors, "open_stream", fails_on_second_save)
     callback = CheckpointCallback(FullModel(), async_save=True)
     trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=8, save_steps=2)
+    trainer.add_callback(StepFiveAfterTheFailure())
     with pytest.raises(CheckpointError, match=r"writing checkpoint .*step_4 failed: .*No space left on device"):
         trainer.train()
     assert trainer.state.global_step == 5  # raised at the step end after the failed save started
@@ -162,14 +169,15 @@ def test_uploads_are_queued_after_the_background_publish(tmp_path, tokenizer, ll
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux behaviour")
 def test_background_writer_and_its_hasher_yield_cpu_to_training(tmp_path, tokenizer, llama, monkeypatch):
     """The persist thread (and the sha256 thread it starts) run at a lower CPU priority; training's is unchanged."""
-    real_write, real_hash, seen = _safetensors.write, _safetensors._hash_until_done, {}
+    real_write, real_hash, seen = _safetensors.open_stream, _safetensors.FileStream._hash, {}
 
     def niceness():
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-    monkeypatch.setattr(_safetensors, "write", lambda *a, **k: (seen.setdefault("writer", niceness()), real_write(*a, **k))[1])
-    monkeypatch.setattr(_safetensors, "_hash_until_done",
-                        lambda *a: (seen.setdefault("hasher", niceness()), real_hash(*a))[1])
+    monkeypatch.setattr(_safetensors, "open_stream",
+                        lambda *a, **k: (seen.setdefault("writer", niceness()), real_write(*a, **k))[1])
+    monkeypatch.setattr(_safetensors.FileStream, "_hash",
+                        lambda self: (seen.setdefault("hasher", niceness()), real_hash(self))[1])
     training = niceness()
     trainer = make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), async_save=True), max_steps=4,
                            save_steps=2)
@@ -183,8 +191,8 @@ def test_background_writer_and_its_hasher_yield_cpu_to_training(tmp_path, tokeni
 
 def test_async_saves_with_the_auto_interval_save_once_per_interval(tmp_path, tokenizer, llama, monkeypatch):
     """A background save still in flight at the next step end must not make that step "due" again."""
-    real = _safetensors.write
-    monkeypatch.setattr(_safetensors, "write", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])  # a slow disk
+    real = _safetensors.open_stream
+    monkeypatch.setattr(_safetensors, "open_stream", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])  # slow disk
     callback = CheckpointCallback(FullModel(), async_save=True, interval=AutoInterval(mtbf_hours=1e6))
     trainer = make_trainer(llama, tokenizer, tmp_path, callback, max_steps=12, save_steps=4)
     trainer.train()
@@ -195,7 +203,7 @@ def test_async_saves_with_the_auto_interval_save_once_per_interval(tmp_path, tok
 def test_a_background_save_gets_full_priority_while_training_waits_for_it(tmp_path, tokenizer, llama, monkeypatch):
     """Train end (like the next save or a preemption) waits for the background save: it must not crawl at nice +10."""
     release, seen = threading.Event(), {}
-    real_write, real_hash = _safetensors.write, _safetensors._hash_until_done
+    real_write, real_hash = _safetensors.open_stream, _safetensors.FileStream._hash
 
     def niceness():
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -206,8 +214,8 @@ def test_a_background_save_gets_full_priority_while_training_waits_for_it(tmp_pa
         seen.setdefault("writer_waited_on", niceness())
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(_safetensors, "write", held_write)
-    monkeypatch.setattr(_safetensors, "_hash_until_done", lambda *a: (seen.setdefault("hasher", niceness()), real_hash(*a))[1])
+    monkeypatch.setattr(_safetensors, "open_stream", held_write)
+    monkeypatch.setattr(_safetensors.FileStream, "_hash", lambda self: (seen.setdefault("hasher", niceness()), real_hash(self))[1])
     threading.Timer(1.5, release.set).start()  # released while train end waits for the step-2 save
     training = niceness()
     make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), async_save=True), max_steps=2,

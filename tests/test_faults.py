@@ -75,7 +75,7 @@ def inject(monkeypatch, switch, target, error_number, tmp_path):
 
     def failing(*args, **kwargs):
         if switch["on"] and str(tmp_path) in " ".join(map(str, args)) + _fd_path(args):
-            if target[1] == "write":  # a full disk mid-file: part of the bytes made it
+            if target[1] == "open_stream":  # a full disk mid-file: part of the bytes made it
                 open(args[0], "wb").write(b"\0" * 100)
             raise OSError(error_number, os.strerror(error_number), str(args[0]))
         return real(*args, **kwargs)
@@ -88,7 +88,7 @@ def _fd_path(args):
 
 
 @pytest.mark.parametrize("target,error_number,fix", [
-    ((safetensors_writer, "write"), errno.ENOSPC, "free disk space"),
+    ((safetensors_writer, "open_stream"), errno.ENOSPC, "free disk space"),
     ((os, "fsync"), errno.EIO, "check the disk"),
     ((os, "rename"), errno.EACCES, "fix the permissions of output_dir"),
 ])

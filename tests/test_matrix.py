@@ -143,8 +143,8 @@ def no_leftovers(directory: Path) -> None:
 @pytest.fixture
 def slow_background_disk(monkeypatch):
     """Async runs: a disk slower than a training step, so saves are still in flight at later step ends."""
-    real = _safetensors.write
-    monkeypatch.setattr(_safetensors, "write", lambda *a, **k: (time.sleep(0.05), real(*a, **k))[1])
+    real = _safetensors.open_stream
+    monkeypatch.setattr(_safetensors, "open_stream", lambda *a, **k: (time.sleep(0.05), real(*a, **k))[1])
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[_id(row) for row in ROWS])

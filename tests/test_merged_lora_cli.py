@@ -51,7 +51,7 @@ def test_verify_of_merged_checks_what_finals_manifest_lists_for_it(final):
     (final / "merged" / "tokenizer.json").unlink()
     done = cli("verify", final / "merged")
     assert done.returncode == 1 and done.stdout.splitlines() == [
-        f"{final / 'merged'}: CORRUPT", "  model.safetensors: sha256 mismatch", "  tokenizer.json: missing"]
+        f"{final / 'merged'}: CORRUPT", "  model.safetensors: blake3 mismatch", "  tokenizer.json: missing"]
 
 
 def test_verify_load_of_final_loads_the_adapter_and_the_merged_model(run):

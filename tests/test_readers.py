@@ -71,14 +71,14 @@ def readers_skip(step) -> list[str]:
     lambda m: m.update(files={}),
     lambda m: m["files"].update({"config.json": 7}),
     lambda m: m["files"]["config.json"].pop("bytes"),
-    lambda m: m["files"]["config.json"].pop("sha256"),
+    lambda m: m["files"]["config.json"].pop("blake3"),
     lambda m: m["files"]["config.json"].update(bytes="12"),
     lambda m: m["files"].update({"con\0fig.json": m["files"].pop("config.json")}),
     lambda m: m.update(step="2"),
     lambda m: m.update(step=True),
     lambda m: m.update(run_started_unix=float("nan")),
     lambda m: m.update(files={k: v for k, v in m["files"].items() if "safetensors" not in k}),  # no weights
-], ids=["files-list", "files-null", "files-string", "files-empty", "entry-int", "no-bytes", "no-sha256",
+], ids=["files-list", "files-null", "files-string", "files-empty", "entry-int", "no-bytes", "no-digest",
         "bytes-string", "nul-in-name", "step-string", "step-bool", "started-nan", "no-weights"])
 def test_manifest_of_the_wrong_shape(good, damage):
     manifest = manifest_of(good)

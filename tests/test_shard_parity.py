@@ -96,7 +96,16 @@ def test_peak_held_bytes_stays_within_one_shard_plus_largest_module(tokenizer, t
     assert peak < weights.stored_bytes / 2
 
 
-def test_unsharded_save_holds_the_whole_model_once(tokenizer, tmp_path):
-    model = llama_model(tokenizer)
-    peak = save_once(FullModel(), model, tokenizer, tmp_path).stats.peak_held_bytes
-    assert peak == pretrained_weights(model, None).stored_bytes
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_one_file_streams_holding_at_most_one_module(tokenizer, tmp_path, tie):
+    """A single safetensors file is written as its tensors arrive: never the whole model at once."""
+    model = llama_model(tokenizer, tie=tie)
+    weights = pretrained_weights(model, None)
+    largest_module = max(sum(stored_nbytes(t) for t in own.values()) for _, own in weights.groups)
+    saved = save_once(FullModel(), model, tokenizer, tmp_path)
+    assert 0 < saved.stats.peak_held_bytes <= largest_module < weights.stored_bytes / 2
+    assert weight_files(saved.path) == {"model.safetensors"}
+    with safe_open(str(saved.path / "model.safetensors"), framework="pt") as handle:
+        for name, tensor in model.state_dict().items():
+            if name in handle.keys():
+                assert torch.equal(handle.get_tensor(name), tensor), name

@@ -34,7 +34,7 @@ def test_checksum_mismatch(checkpoint):
     data = bytearray((checkpoint / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (checkpoint / "model.safetensors").write_bytes(bytes(data))
-    assert verify_checkpoint(checkpoint) == ["model.safetensors: sha256 mismatch"]
+    assert verify_checkpoint(checkpoint) == ["model.safetensors: blake3 mismatch"]
 
 
 def test_truncated_safetensors_header(checkpoint):

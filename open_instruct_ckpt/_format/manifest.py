@@ -9,15 +9,17 @@ entries to write.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from . import digest
+
 MANIFEST_NAME = "checkpoint.json"
-FORMAT = "open_instruct_ckpt/1"
+FORMAT = "open_instruct_ckpt/2"  # /2: files carry blake3 digests
+READABLE_FORMATS = ("open_instruct_ckpt/1", FORMAT)  # /1: sha256 digests
 FINAL_NAME = "final"
 STEP_PATTERN = re.compile(r"step_(\d+)")
 TEMPORARY_PATTERN = re.compile(r"\.(tmp|old|trash)-(.+)-[0-9a-f]{12}")
@@ -27,7 +29,6 @@ INDEX_NAME = "model.safetensors.index.json"
 RUN_RECORD_NAME = ".open_instruct_ckpt.run.json"  # the run's save statistics and advice, beside its checkpoints
 RUN_RECORD_FORMAT = "open_instruct_ckpt-run/1"
 EXISTING_POLICIES = ("error", "supersede")  # what a run starting at step 0 does with an earlier run's checkpoints
-_CHUNK = 16 * 1024 * 1024
 _VERSIONED = ("open_instruct_ckpt", "torch", "transformers", "safetensors", "peft", "deepspeed", "accelerate")
 
 
@@ -37,14 +38,6 @@ def step_name(step: int) -> str:
 
 def is_checkpoint_name(name: str) -> bool:
     return name == FINAL_NAME or STEP_PATTERN.fullmatch(name) is not None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def manifest_fields(name: str, step: int, strategy: str, run_id: str, run_started_unix: float) -> dict[str, Any]:
@@ -80,18 +73,17 @@ def _versions() -> dict[str, str]:
     return dict(_installed_versions("deepspeed" in sys.modules))
 
 
-def describe_files(directory: Path, known_sha256: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """Writer-side: size and sha256 of every file under `directory`, keyed by relative POSIX path.
+def describe_files(directory: Path, known: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Writer-side: size and blake3 of every file under `directory`, keyed by relative POSIX path.
 
-    Files in `known_sha256` (hashed while they were written) are not read again.
+    Files in `known` (hashed while they were written) are not read again.
     """
-    known = known_sha256 or {}
+    known = known or {}
     entries = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         relative = path.relative_to(directory).as_posix()
         if relative != MANIFEST_NAME:
-            digest = known.get(relative) or sha256_file(path)
-            entries[relative] = {"bytes": path.stat().st_size, "sha256": digest}
+            entries[relative] = {"bytes": path.stat().st_size, "blake3": known.get(relative) or digest.of_file(path)}
     return entries
 
 

@@ -9,21 +9,19 @@ a run is writing. It imports nothing heavy.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
-import re
 import stat
 from pathlib import Path
 from typing import Any
 
-from .manifest import FORMAT, MANIFEST_NAME, TEMPORARY_PATTERN, has_weights, is_checkpoint_name, order_key
+from . import digest
+from .manifest import MANIFEST_NAME, READABLE_FORMATS, TEMPORARY_PATTERN, has_weights, is_checkpoint_name, order_key
 from .safetensors_header import header_problems
 
 _MAX_JSON_BYTES = 64 * 1024 * 1024
 _CHUNK = 16 * 1024 * 1024
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -146,8 +144,8 @@ def _is_int(value: Any) -> bool:
 def _schema_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict):
         return "the manifest is not a JSON object"
-    if manifest.get("format") != FORMAT:
-        return f"format is {manifest.get('format')!r}, not {FORMAT!r}"
+    if manifest.get("format") not in READABLE_FORMATS:
+        return f"format is {manifest.get('format')!r}, not one of {READABLE_FORMATS}"
     if not _is_int(manifest.get("step")) or manifest["step"] < 0:
         return f"step {manifest.get('step')!r} is not a non-negative integer"
     started = manifest.get("run_started_unix", 0.0)
@@ -173,11 +171,11 @@ def _name_problem(name: str) -> str | None:
 
 def _entry_problem(entry: Any) -> str | None:
     if not isinstance(entry, dict):
-        return "not a mapping with bytes and sha256"
+        return "not a mapping with bytes and a digest"
     if not _is_int(entry.get("bytes")) or entry["bytes"] < 0:
         return f"bytes {entry.get('bytes')!r} is not a non-negative integer"
-    if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
-        return "sha256 is not 64 lowercase hex digits"
+    if digest.recorded(entry) is None:
+        return f"no digest: {' or '.join(digest.ALGORITHMS)} of 64 lowercase hex digits"
     return None
 
 
@@ -278,8 +276,9 @@ def _file_problems(directory: Path, relative: str, entry: dict[str, Any]) -> lis
             problems += [f"{relative}: {p}" for p in header_problems(fd, size)]
         if size != entry["bytes"]:
             return [f"{relative}: size {size} bytes, manifest says {entry['bytes']}", *problems]
-        if _sha256(fd) != entry["sha256"]:
-            problems.append(f"{relative}: sha256 mismatch")
+        algorithm, expected = digest.recorded(entry) or ("", "")
+        if digest.of_fd(fd, algorithm) != expected:
+            problems.append(f"{relative}: {algorithm} mismatch")
         return problems
     except OSError as exc:
         return [f"{relative}: unreadable ({exc.strerror})"]
@@ -287,9 +286,3 @@ def _file_problems(directory: Path, relative: str, entry: dict[str, Any]) -> lis
         os.close(fd)
 
 
-def _sha256(fd: int) -> str:
-    digest = hashlib.sha256()
-    os.lseek(fd, 0, os.SEEK_SET)
-    while chunk := os.read(fd, _CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()

@@ -2,9 +2,11 @@
 
 fsspec is imported only when an upload target is set; s3fs, for `s3://`, is the optional extra
 `open_instruct_ckpt[s3]`. Every object is checked after it is written: its size (HEAD on S3,
-`fs.info` elsewhere), and its sha256 where the store reports one. On S3, objects under
-`SINGLE_PUT_BYTES` are sent in one PUT with `ChecksumAlgorithm="SHA256"`: S3 checks the body
-against that digest on receipt, and the HEAD afterwards must return the manifest's sha256.
+`fs.info` elsewhere), and its sha256 where the store reports one. Objects under `SINGLE_PUT_BYTES`
+are read whole, checked against the manifest's digest (blake3; sha256 in format /1), and, on S3,
+sent in one PUT with `ChecksumAlgorithm="SHA256"`: S3 checks the body against that digest on
+receipt, and the HEAD afterwards must return the SHA-256 of the bytes sent (computed here, in the
+upload thread, off the training path).
 Larger objects go through s3fs's multipart upload, where S3 checks each part's CRC on receipt
 and only the size is compared afterwards. Other stores (a local directory, `file://`) report no
 sha256: size only. Nothing is downloaded again.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import threading
 import uuid
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import CheckpointError
+from .._format import digest
 from .._format.manifest import MANIFEST_NAME, is_checkpoint_name
 
 SINGLE_PUT_BYTES = 64 * 1024 * 1024
@@ -113,20 +117,23 @@ class FsspecTarget:
         """
         target = self.path(relative)
         if self.is_s3 and entry["bytes"] < SINGLE_PUT_BYTES:
-            self._s3_put(target, local.read_bytes())
-        else:
-            self._make_parent(target)
-            self.fs.put_file(str(local), target, callback=_callback(progress))
-        self.verify(target, entry)
+            self.put_bytes(relative, local.read_bytes(), entry)
+            return
+        self._make_parent(target)
+        self.fs.put_file(str(local), target, callback=_callback(progress))
+        self.verify(target, entry["bytes"], None)
 
     def put_bytes(self, relative: str, data: bytes, entry: dict[str, Any]) -> None:
+        """Upload `data` after checking it is what the manifest `entry` describes; S3 checks its SHA-256 on receipt
+        and the HEAD afterwards must report the SHA-256 of what was sent."""
         target = self.path(relative)
+        _check_against(entry, data, relative)
         if self.is_s3:
             self._s3_put(target, data)
         else:
             self._make_parent(target)
             self.fs.pipe_file(target, data)
-        self.verify(target, entry)
+        self.verify(target, len(data), hashlib.sha256(data).hexdigest())
 
     def _s3_put(self, target: str, data: bytes) -> None:
         bucket, key, _ = self.fs.split_path(target)
@@ -137,12 +144,13 @@ class FsspecTarget:
         if not self.is_s3:  # object stores need no directories; s3fs would create a missing bucket
             self.fs.makedirs(self.fs._parent(target), exist_ok=True)
 
-    def verify(self, target: str, entry: dict[str, Any]) -> None:
-        size, sha256 = self._stored(target)
-        if size != entry["bytes"]:
-            raise UploadMismatch(f"{target}: {size} bytes stored, the manifest says {entry['bytes']}")
-        if sha256 is not None and sha256 != entry["sha256"]:
-            raise UploadMismatch(f"{target}: the store's sha256 {sha256} is not the manifest's {entry['sha256']}")
+    def verify(self, target: str, size: int, sha256: str | None) -> None:
+        """What the store kept: `size` bytes, and the SHA-256 of what was sent where the store reports one."""
+        stored_size, stored_sha256 = self._stored(target)
+        if stored_size != size:
+            raise UploadMismatch(f"{target}: {stored_size} bytes stored, {size} were sent")
+        if sha256 is not None and stored_sha256 is not None and stored_sha256 != sha256:
+            raise UploadMismatch(f"{target}: the store's sha256 {stored_sha256} is not that of the bytes sent, {sha256}")
 
     def _stored(self, target: str) -> tuple[int, str | None]:
         """The stored object's size, and its full-object sha256 (hex) where the store reports one."""
@@ -230,6 +238,17 @@ def _callback(progress: Callable[[], None] | None) -> Any:
     """An fsspec callback that calls `progress()` on every update (fsspec passes it size and value)."""
     hooks = {} if progress is None else {"progress": lambda *_, **__: progress()}
     return _fsspec().callbacks.Callback(hooks=hooks)
+
+
+def _check_against(entry: dict[str, Any], data: bytes, relative: str) -> None:
+    """The bytes read for an upload are those the manifest describes (size and digest), or the file changed."""
+    recorded = digest.recorded(entry)
+    if len(data) != entry["bytes"] or recorded is None:
+        raise UploadMismatch(f"{relative}: {len(data)} bytes read, the manifest says {entry['bytes']}")
+    hasher = digest.new(recorded[0])
+    hasher.update(data)
+    if hasher.hexdigest() != recorded[1]:
+        raise UploadMismatch(f"{relative}: its {recorded[0]} differs from the manifest's: the local file changed")
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ class UploadTarget(Protocol):
 
     def put_file(self, local: Path, relative: str, entry: dict[str, Any],
                  progress: Callable[[], None] | None = None) -> None:
-        """Write one file and check what the store kept against its manifest `entry` (bytes, sha256)."""
+        """Write one file and check what the store kept against its manifest `entry` (bytes, digest)."""
 
     def put_bytes(self, relative: str, data: bytes, entry: dict[str, Any]) -> None:
         """Write `data` and check it against `entry`."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._engines import Group, meta_like, own_state, stored_nbytes
+from .._engines import Group, meta_like, own_state
 from .plan import Layout, SmallFile, Weights, WritePlan
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -34,8 +34,8 @@ def adapter_plan(model: Any, save_embedding_layers: bool | None) -> WritePlan:
         return get_peft_model_state_dict(model, state_dict=state, adapter_name=model.active_adapter,
                                          save_embedding_layers=embeddings)
 
-    names = list(finish({name: meta_like(t) for name, t in tensors.items()}))
-    layout = Layout({ADAPTER_WEIGHTS: names}, sum(stored_nbytes(t) for t in tensors.values()))
+    saved = finish({name: meta_like(t) for name, t in tensors.items()})
+    layout = Layout({ADAPTER_WEIGHTS: list(saved)}, {name: (t.dtype, tuple(t.shape)) for name, t in saved.items()})
     files = (SmallFile("adapter_config.json", _config_writer(model)),
              SmallFile("README.md", lambda directory: model.create_or_update_model_card(str(directory))))
     return WritePlan(Weights(groups, layout, finish=finish), files, generation_module=model.get_base_model())

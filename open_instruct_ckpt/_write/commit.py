@@ -40,7 +40,7 @@ class Leftovers:
 def seal_and_publish(settings: SaveSettings, staging: Path, report: WriteReport, name: str, step: int,
                      strategy: str, timer: PhaseTimer) -> tuple[files.Published, SaveStats]:
     """Publisher: the manifest (with the statistics so far) last, then the rename into place."""
-    described = describe_files(staging, report.sha256)
+    described = describe_files(staging, report.digests)
     timer.lap("write")
     stats = SaveStats(name, step, sum(e["bytes"] for e in described.values()), report.peak_held_bytes,
                       dict(timer.seconds))

@@ -37,10 +37,10 @@ class Target:
 
 @dataclass
 class WriteReport:
-    """What a writer learned while writing: peak CPU bytes held and the sha256 it computed, by relative path."""
+    """What a writer learned while writing: peak CPU bytes held and the digests it computed, by relative path."""
 
     peak_held_bytes: int = 0
-    sha256: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,17 +51,18 @@ class _Directory:
     collected: ModuleState | None  # for a plan that transforms its whole state at the end (a PEFT adapter)
 
     def consume(self, state: ModuleState, copy: Copy | None) -> None:
+        """One gathered group; without `copy` its tensors are lent (valid only during this call)."""
         state = self.plan.weights.transform(state)
         if copy is not None:
             state = {name: copy(tensor) for name, tensor in state.items()}
         if self.collected is not None:
-            self.collected.update(state)
+            self.collected.update(state if copy is not None else {n: t.clone() for n, t in state.items()})
         else:
-            self.sink.add(state)
+            self.sink.add(state, lent=copy is None)
 
     def finish(self) -> None:
         if self.collected is not None and self.plan.weights.finish is not None:
-            self.sink.add(self.plan.weights.finish(self.collected))
+            self.sink.add(self.plan.weights.finish(self.collected), lent=False)
             self.collected = {}
         self.sink.finish()
 
@@ -74,13 +75,24 @@ class Persist:
 
     def __call__(self) -> WriteReport:
         report = WriteReport()
-        for directory in self.directories:
-            directory.finish()
-            if self.target.small_files:
-                _small_files(directory.plan, directory.sink.directory, self.target)
-            report.peak_held_bytes = max(report.peak_held_bytes, directory.sink.peak_held_bytes)
-            report.sha256.update({f"{directory.relative}{f}": h for f, h in directory.sink.sha256.items()})
+        try:
+            for directory in self.directories:
+                directory.finish()
+                self._write_small_files(directory, report)
+        except BaseException:
+            self.abort()
+            raise
         return report
+
+    def abort(self) -> None:
+        for directory in self.directories:
+            directory.sink.abort()
+
+    def _write_small_files(self, directory: _Directory, report: WriteReport) -> None:
+        if self.target.small_files:
+            _small_files(directory.plan, directory.sink.directory, self.target)
+        report.peak_held_bytes = max(report.peak_held_bytes, directory.sink.peak_held_bytes)
+        report.digests.update({f"{directory.relative}{f}": h for f, h in directory.sink.digests.items()})
 
 
 def gather(plan: WritePlan, target: Target | None) -> Persist | None:
@@ -89,10 +101,14 @@ def gather(plan: WritePlan, target: Target | None) -> Persist | None:
         for _relative, sub in plan.walk():
             for_each_module_state(sub.weights.groups, None)
         return None
-    directories = _directories(plan, target)
-    for directory in directories:
-        for_each_module_state(directory.plan.weights.groups, _consumer(directory, target.copy))
-    return Persist(directories, target)
+    persist = Persist(_directories(plan, target), target)
+    try:
+        for directory in persist.directories:
+            for_each_module_state(directory.plan.weights.groups, _consumer(directory, target.copy))
+    except BaseException:
+        persist.abort()
+        raise
+    return persist
 
 
 def _consumer(directory: _Directory, copy: Copy | None) -> Callable[[ModuleState], None]:

@@ -51,17 +51,17 @@ def create_staging(output_dir: Path, name: str) -> Path:
 
 
 def seal(
-    staging: Path, manifest: dict[str, Any], files: dict | None = None, known_sha256: dict | None = None
+    staging: Path, manifest: dict[str, Any], files: dict | None = None, known: dict | None = None
 ) -> dict[str, Any]:
     """Make `staging` durable and complete: fsync every file, then write the manifest last.
 
     `files` are precomputed manifest entries (for hard-linked copies); otherwise every file is
-    hashed, except those whose sha256 the writer computed while writing (`known_sha256`).
+    hashed, except those whose digest the writer computed while writing (`known`).
     Returns the manifest written.
     """
     for path in sorted(staging.rglob("*"), key=lambda p: (p.is_dir(), str(p))):
         fsync_path(path)  # every file, then every subdirectory
-    manifest = {**manifest, "files": files if files is not None else describe_files(staging, known_sha256 or {})}
+    manifest = {**manifest, "files": files if files is not None else describe_files(staging, known or {})}
     _write_synced(staging / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     fsync_path(staging)
     return manifest

@@ -18,7 +18,7 @@ from transformers.core_model_loading import PrefixChange, revert_weight_conversi
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from .._engines import Group, meta_like, own_state, stored_numel
-from .plan import Layout, Transform, Weights
+from .plan import Layout, Transform, Weights, arrival_order
 
 WEIGHTS_PATTERN = "model{suffix}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -29,20 +29,28 @@ def pretrained_weights(module: nn.Module, max_shard_size: int | str | None) -> W
     """Collective-free: the files `save_pretrained` would write for `module`'s state dict, and the gather order."""
     tensors = saved_tensors(module)
     revert = name_reverter(module)
-    layout = split_layout(tensors, revert, max_shard_size, sum(stored_numel(p) for p in module.parameters()))
-    return Weights(groups_in_file_order(module, tensors, layout, revert), layout, revert)
-
-
-def split_layout(tensors: dict[str, torch.Tensor], revert: Transform, max_shard_size: int | str | None,
-                 total_parameters: int) -> Layout:
-    """The files `save_pretrained` would write for `tensors` (keyed by their names before `revert`)."""
     final_meta = revert({name: meta_like(t) for name, t in tensors.items()})
+    groups = groups_in_file_order(module, tensors, list(final_meta), revert)
+    total_parameters = sum(stored_numel(p) for p in module.parameters())
+    layout = split_layout(final_meta, arrival_order(groups, revert), max_shard_size, total_parameters)
+    return Weights(groups, layout, revert)
+
+
+def split_layout(final_meta: dict[str, torch.Tensor], arrival: dict[str, torch.Tensor],
+                 max_shard_size: int | str | None, total_parameters: int) -> Layout:
+    """The files `save_pretrained` would write for `final_meta` (its state-dict order decides which file holds what,
+    as in `save_pretrained`); within each file, tensors in `arrival` order, so each file streams front to back."""
     split = split_torch_state_dict_into_shards(
         final_meta, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE
     )
+    file_of = {name: file for file, names in split.filename_to_tensors.items() for name in names}
+    if set(arrival) != set(file_of):
+        raise RuntimeError(f"the gather delivers {sorted(set(arrival) ^ set(file_of))[:3]} unlike the plan")
+    files: dict[str, list[str]] = {file: [] for file in split.filename_to_tensors}
+    for name in arrival:
+        files[file_of[name]].append(name)
     return Layout(
-        files={f: list(names) for f, names in split.filename_to_tensors.items()},
-        total_bytes=int(split.metadata["total_size"]),
+        files=files, planned={name: (t.dtype, tuple(t.shape)) for name, t in final_meta.items()},
         index_name=INDEX_NAME if split.is_sharded else None,
         index_metadata={"total_parameters": total_parameters, **split.metadata},
     )
@@ -91,10 +99,10 @@ def _has_weight_conversions(model: PreTrainedModel) -> bool:
     return any(not isinstance(c, PrefixChange) for c in conversions)
 
 
-def groups_in_file_order(module: nn.Module, tensors: dict[str, torch.Tensor], layout: Layout,
+def groups_in_file_order(module: nn.Module, tensors: dict[str, torch.Tensor], final_order: list[str],
                          revert: Callable) -> list[Group]:
-    """One group per module (its own tensors), ordered by where their saved tensors first appear in the files."""
-    position = {name: i for i, name in enumerate(n for names in layout.files.values() for n in names)}
+    """One group per module (its own tensors), ordered by where their saved tensors first appear in the state dict."""
+    position = {name: i for i, name in enumerate(final_order)}
     groups = []
     for prefix, child in module.named_modules(remove_duplicate=False):
         own = {n: t for n, t in own_state(child, f"{prefix}." if prefix else "").items() if n in tensors}

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._engines import Group, model_class, own_state, stored_numel
+from .._engines import Group, meta_like, model_class, own_state, stored_numel
 from .layout import DEFAULT_MAX_SHARD_SIZE, name_reverter, split_layout, untied_names
-from .plan import SmallFile, Weights, WritePlan
+from .plan import SmallFile, Weights, WritePlan, arrival_order
 
 MERGED_DIR = "merged"
 _FIX = "set merged_final=False and, after training, save model.merge_and_unload() yourself"
@@ -73,8 +73,8 @@ def merged_weights(model: Any) -> Weights:
     rename = {name: merged for name, merged in rename.items() if merged in kept}
     lora_ids = {id(t) for name, t in state.items() if name not in rename and _merged_name(name, layers) is None}
     revert = name_reverter(base)
-    layout = split_layout({merged: state[name] for name, merged in rename.items()}, revert, DEFAULT_MAX_SHARD_SIZE,
-                          sum(stored_numel(p) for p in base.parameters() if id(p) not in lora_ids))
+    final_meta = revert({merged: meta_like(state[name]) for name, merged in rename.items()})
+    groups = _groups(base, layers, state, rename, factors)
 
     def merge(gathered: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -83,7 +83,12 @@ def merged_weights(model: Any) -> Weights:
                 out[rename[name]] = factors[name].apply(tensor, gathered) if name in factors else tensor
         return out
 
-    return Weights(_groups(base, layers, state, rename, factors), layout, lambda gathered: revert(merge(gathered)))
+    def transform(gathered: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return revert(merge(gathered))
+
+    total_parameters = sum(stored_numel(p) for p in base.parameters() if id(p) not in lora_ids)
+    layout = split_layout(final_meta, arrival_order(groups, transform), DEFAULT_MAX_SHARD_SIZE, total_parameters)
+    return Weights(groups, layout, transform)
 
 
 def _merged_name(name: str, layers: dict[str, Any]) -> str | None:

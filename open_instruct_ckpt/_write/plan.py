@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._engines import Group, stored_nbytes
+from .._engines import Group, meta_like, stored_nbytes
 
 Transform = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -30,16 +30,38 @@ def unchanged(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Which saved tensor goes to which file, in file order; the index (when sharded) is written beside them."""
+    """Which saved tensor goes to which file, in the order the gather delivers them (each file is written front to
+    back as its tensors arrive), with the dtype and shape the header promises; the index (when sharded) is
+    written beside them."""
 
-    files: dict[str, list[str]]  # file name -> saved tensor names, in the order they are written
-    total_bytes: int  # of the saved tensors, from stored shapes
+    files: dict[str, list[str]]  # file name -> saved tensor names, in write order
+    planned: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # saved name -> (dtype, shape)
     index_name: str | None = None  # "model.safetensors.index.json" when sharded
     index_metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def file_of(self) -> dict[str, str]:
         return {name: file for file, names in self.files.items() for name in names}
+
+    def bytes_of(self, names: list[str]) -> int:
+        return sum(_nbytes(*self.planned[name]) for name in names)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_of(list(self.planned))
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+
+
+def arrival_order(groups: list[Group], transform: Transform) -> dict[str, torch.Tensor]:
+    """The saved tensors (as meta tensors) in the order the executor produces them: each group's gathered tensors
+    through `transform`, group after group. Transforms run on meta tensors here (shapes and dtypes only)."""
+    order: dict[str, torch.Tensor] = {}
+    for _, tensors in groups:
+        order.update(transform({name: meta_like(t) for name, t in tensors.items()}))
+    return order
 
 
 @dataclass(frozen=True)

@@ -1,88 +1,143 @@
-"""Stream tensors into a safetensors file straight from their memory, hashing as the bytes go out.
+"""Stream tensors into safetensors files front to back, straight from their memory, hashing as the bytes go out.
 
-`safetensors.torch.save_file` gives no checksum, so the manifest would have to read every
-shard back. Here each tensor's bytes are written once, zero-copy, while a second thread feeds
-the same buffers to sha256 (hashlib releases the GIL), so the checksum costs no extra pass.
-The queue holds views of the tensors, not copies, so it needs no bound: writing runs at page
-cache speed and the file's fsync (disk-bound) overlaps the hashing (CPU-bound).
-The layout is the safetensors format: an 8-byte little-endian header length, a JSON header
-padded with spaces to 8 bytes, then the tensor data in header order.
+The header comes first, from the planned names, dtypes and shapes, so a file can be written while its
+tensors are still being gathered: each tensor's bytes go out once, zero-copy, in header order, and a
+second thread feeds the same buffers to the digest (blake3, which releases the GIL), so the checksum
+costs no extra pass and, being faster than the write, no extra time. The digest thread reads views of
+the caller's tensors: `settle()` waits for it before those tensors may be freed or changed.
+The layout is the safetensors format: an 8-byte little-endian header length, a JSON header padded with
+spaces to 8 bytes, then the tensor data in header order.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import _TYPES
 
+from .._format import digest
 from . import progress as _progress
 
-_DTYPE_NAMES = {dtype: name for name, dtype in _TYPES.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in _TYPES.items()}
 _CHUNK = 64 * 1024 * 1024
+Planned = tuple[torch.dtype, tuple[int, ...]]  # what the header promises for one tensor
 
 
-def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+def header(planned: dict[str, Planned], metadata: dict[str, str] | None) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for name, tensor in tensors.items():
-        end = offset + tensor.numel() * tensor.element_size()
-        entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+    for name, (dtype, shape) in planned.items():
+        if dtype not in DTYPE_NAMES:
+            raise TypeError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        end = offset + torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
 
 
-def _chunks(tensor: torch.Tensor):
+def _chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     view = flat.data  # a memoryview of the tensor's bytes, no copy
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]
 
 
-def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write `tensors` (CPU) to `path` in safetensors format; returns the file's sha256 hex digest."""
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _DTYPE_NAMES:
-            raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-    digest = hashlib.sha256()
-    pending: queue.SimpleQueue = queue.SimpleQueue()
-    hasher = threading.Thread(target=_hash_until_done, args=(digest, pending), daemon=True)
-    hasher.start()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+class FileStream:
+    """One safetensors file, opened with its header and written tensor by tensor in header order."""
+
+    def __init__(self, path: Path, planned: dict[str, Planned], metadata: dict[str, str] | None = None) -> None:
+        self.path, self.planned = path, planned
+        self._order = list(planned)
+        self._next = 0
+        self._digest = digest.new()
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._hashed = threading.Condition()
+        self._queued = self._done = 0
+        self._hasher = threading.Thread(target=self._hash, name="open_instruct_ckpt-hash", daemon=True)
+        self._hasher.start()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._send(memoryview(header(planned, metadata)))
+
+    @property
+    def expected(self) -> str | None:
+        """The name of the tensor whose bytes come next, or None when every tensor is written."""
+        return self._order[self._next] if self._next < len(self._order) else None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name != self.expected:
+            raise RuntimeError(f"{self.path.name}: {name!r} written out of order (expected {self.expected!r})")
+        dtype, shape = self.planned[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)} but the save planned {dtype} "
+                               f"{tuple(shape)}; the model changed during the save")
+        for chunk in _chunks(tensor):
+            self._send(chunk)
+            _progress.advance(len(chunk))
+        self._next += 1
+
+    def settle(self) -> None:
+        """Wait until the digest has read every byte written so far (the tensors may then be freed)."""
+        with self._hashed:
+            self._hashed.wait_for(lambda: self._done >= self._queued)
+
+    def close(self) -> str:
+        """fsync and close the complete file; returns its digest."""
+        if self.expected is not None:
+            raise RuntimeError(f"{self.path.name} closed before {self.expected!r} was written")
         try:
-            header = _header(tensors, metadata)
-            _write_all(fd, memoryview(header))
-            pending.put(header)
-            for tensor in tensors.values():
-                for chunk in _chunks(tensor):
-                    _write_all(fd, chunk)
-                    pending.put(chunk)
-                    _progress.advance(len(chunk))
-            os.fsync(fd)
+            os.fsync(self._fd)
         finally:
-            os.close(fd)
-    finally:
-        pending.put(None)
-        hasher.join()
-    return digest.hexdigest()
+            self._finish()
+        return self._digest.hexdigest()
+
+    def abort(self) -> None:
+        """Close without completing (a failed save; the staging directory is discarded)."""
+        self._finish()
+
+    def _send(self, chunk: memoryview) -> None:
+        view = chunk
+        while view:  # one large write(2) per chunk from the tensor's memory; the GIL is released meanwhile
+            view = view[os.write(self._fd, view):]
+        self._queued += 1
+        self._pending.put(chunk)
+
+    def _finish(self) -> None:
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        self._pending.put(StopIteration)
+        self._hasher.join()
+
+    def _hash(self) -> None:
+        while (chunk := self._pending.get()) is not StopIteration:
+            self._digest.update(chunk)
+            with self._hashed:
+                self._done += 1
+                self._hashed.notify_all()
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    # One large write(2) per chunk straight from the tensor's memory: no user-space buffer copy,
-    # and the GIL is released for the whole system call (the hasher thread runs meanwhile).
-    while view:
-        view = view[os.write(fd, view):]
+def open_stream(path: Path, planned: dict[str, Planned], metadata: dict[str, str] | None = None) -> FileStream:
+    """Create `path` and write its header: every safetensors file a save writes starts here."""
+    return FileStream(path, planned, metadata)
 
 
-def _hash_until_done(digest, pending: queue.SimpleQueue) -> None:
-    while (chunk := pending.get()) is not None:
-        digest.update(chunk)
+def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write `tensors` (CPU) to `path` in safetensors format, in their order; returns the file's digest."""
+    stream = open_stream(path, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}, metadata)
+    try:
+        for name, tensor in tensors.items():
+            stream.write(name, tensor)
+        return stream.close()
+    except BaseException:
+        stream.abort()
+        raise

@@ -220,18 +220,18 @@ class Saver:
         return Saved(job.name, job.step, published.path, self._stats(stats, job)), None
 
     def _combine(self, report: WriteReport, error: BaseException | None) -> tuple[WriteReport, BaseException | None]:
-        """writers="all": every writer's sha256 and failure reach every writer (on the background group when async)."""
+        """writers="all": every writer's digests and failure reach every writer (on the background group when async)."""
         if not self.team.shares_files:
             return report, error
         message = None if error is None else f"{type(error).__name__}: {error}"
-        everyone = gather_to_all((report.sha256, report.peak_held_bytes, message), group=self._group)
+        everyone = gather_to_all((report.digests, report.peak_held_bytes, message), group=self._group)
         failed = [(rank, m) for rank, (_, _, m) in enumerate(everyone) if m is not None]
         if failed and error is None:
             from .._errors import CheckpointError
 
             error = CheckpointError(f"checkpoint save failed on rank {failed[0][0]}: {failed[0][1]}")
-        sha256 = {f: h for rank_sha256, _, _ in everyone for f, h in rank_sha256.items()}
-        return WriteReport(report.peak_held_bytes, sha256), error
+        digests = {f: h for rank_digests, _, _ in everyone for f, h in rank_digests.items()}
+        return WriteReport(report.peak_held_bytes, digests), error
 
     def _stats(self, stats: SaveStats, job: _Job) -> SaveStats:
         stats.seconds = dict(job.timer.seconds)

@@ -2,9 +2,9 @@
 
 Training waits only for the snapshot: the (collective) gather and a copy of every saved tensor
 into the arena, which is allocated once and reused by later saves (pinned when CUDA is present, so
-device-to-host copies are non-blocking). The persist phase (write + sha256, fsync, seal, publish,
-clean-up) is the sync code path run by `BackgroundSaver` in one worker thread; its verdict (the
-published path or the exception) is taken later by the callback.
+device-to-host copies are non-blocking). The persist phase (write + digest, fsync, seal, publish,
+clean-up) is the sync code path run by `Background` in one worker thread; its result (the published
+checkpoint or the exception) is taken later by the Saver's `poll` or `wait`.
 
 A thread, not a process: the persist phase spends its time in write(2), fsync(2) and hashlib,
 all of which release the GIL, so a thread competes with training for CPU and disk but hardly for
@@ -96,6 +96,8 @@ class Background:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._result: tuple[Any, BaseException | None] | None = None
+        self._priority = threading.Lock()
+        self._waited_on = False  # training waits for the work in flight: it runs at full priority from now on
 
     @property
     def pending(self) -> bool:
@@ -110,12 +112,14 @@ class Background:
         """Run `work` in the background; what it returns (or the exception it raises) is the next result."""
         if self._thread is not None:
             raise RuntimeError("a background save is still pending: take its result first")
-        self._result = None
+        self._result, self._waited_on = None, False
         self._thread = threading.Thread(target=self._run, args=(work,), name="open_instruct_ckpt-save", daemon=True)
         self._thread.start()
 
     def _run(self, work: Callable[[], tuple[Any, BaseException | None]]) -> None:
-        _yield_cpu_to_training()
+        with self._priority:
+            if not self._waited_on:
+                _yield_cpu_to_training()
         try:
             self._result = work()
         except BaseException as exc:  # handed to the training thread by result()
@@ -128,10 +132,13 @@ class Background:
         return result
 
     def join(self) -> None:
-        if self._thread is not None:
+        if self._thread is None:
+            return
+        with self._priority:
+            self._waited_on = True
             if self._thread.is_alive():
                 _restore_priority()
-            self._thread.join()
+        self._thread.join()
 
 
 def _yield_cpu_to_training() -> None:
@@ -175,10 +182,11 @@ def _restore_priority() -> None:
         return
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     lowered = min(19, base + BACKGROUND_NICENESS)
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            tid = int(task.name)
-            if tid != threading.get_native_id() and os.getpriority(os.PRIO_PROCESS, tid) == lowered:
-                os.setpriority(os.PRIO_PROCESS, tid, base)
-        except (OSError, ValueError):  # a thread that ended meanwhile
-            continue
+    for _ in range(2):  # again: a hasher the saver started while the first pass ran
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                tid = int(task.name)
+                if tid != threading.get_native_id() and os.getpriority(os.PRIO_PROCESS, tid) == lowered:
+                    os.setpriority(os.PRIO_PROCESS, tid, base)
+            except (OSError, ValueError):  # a thread that ended meanwhile
+                continue

@@ -168,7 +168,7 @@ def sharded_now(model: nn.Module) -> int:
     return sum(p.numel() == 0 if hasattr(p, "ds_id") else isinstance(p, DTensor) for p in model.parameters())
 
 
-def _disk_full_on_write(path, tensors, metadata=None):
+def _disk_full_on_open(path, planned, metadata=None):
     with open(path, "wb") as handle:
         handle.write(b"partial")
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -206,7 +206,7 @@ class Recorder(TrainerCallback):
         if step == self.opts.fail_free_space_at_step and args.should_save:
             shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
         if step == self.opts.fail_shard_write_at_step and args.should_save:
-            _safetensors.write = _disk_full_on_write
+            _safetensors.open_stream = _disk_full_on_open
         if control.should_save:  # what the save is handed: every parameter still sharded?
             self.report.setdefault("sharded_at_save", []).append(sharded_now(model))
             self.report.setdefault("save_started", {})[step] = time.time()
