@@ -216,10 +216,16 @@ def test_a_background_save_gets_full_priority_while_training_waits_for_it(tmp_pa
 
     monkeypatch.setattr(_safetensors, "open_stream", held_write)
     monkeypatch.setattr(_safetensors.FileStream, "_hash", lambda self: (seen.setdefault("hasher", niceness()), real_hash(self))[1])
-    threading.Timer(1.5, release.set).start()  # released while train end waits for the step-2 save
+    class ReleaseOnceTrainEndWaits(TrainerCallback):  # runs after the step-2 save started; train end is next
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                threading.Timer(1.0, release.set).start()
+
     training = niceness()
-    make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), async_save=True), max_steps=2,
-                 save_steps=2).train()
+    trainer = make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), async_save=True), max_steps=2,
+                           save_steps=2)
+    trainer.add_callback(ReleaseOnceTrainEndWaits())
+    trainer.train()
     assert seen == {"writer_before": min(19, training + _async.BACKGROUND_NICENESS), "writer_waited_on": training,
                     "hasher": training}
     assert verify_checkpoint(tmp_path / "final") == []
