@@ -47,6 +47,14 @@ class Engine(Protocol):
     def trainer_checkpoint_warning(self, args: Any, state: Any) -> str | None:
         """A warning when the Trainer's own checkpoints would gather the whole model on one rank."""
 
+    def shard_of(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
+        """Local: this rank's own part of `tensor` (a view, to be copied) and what `whole` needs to rebuild the
+        tensor from every rank's part; None when that is not possible (the save then gathers while training waits)."""
+
+    def whole(self, part: torch.Tensor, spec: Any, group: Any, dst: int | None) -> torch.Tensor | None:
+        """Collective over `group` (every rank, same order): the full tensor from each rank's copy of its part, on
+        global rank `dst` (on every rank when None); None elsewhere."""
+
 
 ENGINES: tuple[Engine, ...] = (zero3.ENGINE, fsdp2.ENGINE)
 
@@ -142,6 +150,29 @@ def _gathered(tensors: dict[str, torch.Tensor], keep: bool) -> Iterator[ModuleSt
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     # Read in place on CPU (training is paused during the save); copied off an accelerator.
     return tensor.detach() if tensor.device.type == "cpu" else tensor.detach().to("cpu", copy=True)
+
+
+def shard_of(tensor: torch.Tensor) -> tuple[Engine, torch.Tensor, Any] | None:
+    """Local: (engine, this rank's part, spec) of a sharded tensor, or None for a plain one or one whose engine
+    cannot rebuild it from parts."""
+    engine = engine_of(tensor)
+    found = engine.shard_of(tensor) if engine is not None else None
+    return (engine, *found) if engine is not None and found is not None else None
+
+
+def gather_parts(part: torch.Tensor, group: Any, dst: int | None) -> list[torch.Tensor] | None:
+    """Collective over `group`: every rank's `part` (all the same shape) in rank order, on `dst` (every rank when
+    None); None elsewhere."""
+    import torch.distributed as dist
+
+    ranks = dist.get_world_size(group)
+    if dst is None:
+        parts = [torch.empty_like(part) for _ in range(ranks)]
+        dist.all_gather(parts, part, group=group)
+        return parts
+    received = [torch.empty_like(part) for _ in range(ranks)] if dist.get_rank() == dst else None
+    dist.gather(part, gather_list=received, dst=dst, group=group)
+    return received
 
 
 def check_engine(model: nn.Module | None) -> None:

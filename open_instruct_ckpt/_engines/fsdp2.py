@@ -94,6 +94,29 @@ class FSDP2:
             "rank and this callback writes the HF weights"
         )
 
+    def shard_of(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
+        """This rank's rows (FSDP2 shards dim 0 as `torch.chunk` does: ceil(n / ranks) rows each, the last ranks
+        fewer or none), when the tensor is sharded over a 1-D mesh of every rank in rank order."""
+        import torch.distributed as dist
+
+        assert isinstance(tensor, DTensor)
+        mesh = tensor.device_mesh
+        if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
+            return None
+        if mesh.mesh.flatten().tolist() != list(range(dist.get_world_size())):
+            return None
+        return tensor.to_local().detach(), (tuple(tensor.shape), mesh.size())
+
+    def whole(self, part: torch.Tensor, spec: Any, group: Any, dst: int | None) -> torch.Tensor | None:
+        from . import gather_parts
+
+        shape, ranks = spec
+        rows = -(-shape[0] // ranks)  # every rank's part padded to the same number of rows
+        padded = part.new_zeros((rows, *shape[1:]))
+        padded[: part.shape[0]] = part
+        parts = gather_parts(padded, group, dst)
+        return None if parts is None else torch.cat(parts)[: shape[0]]
+
 
 ENGINE = FSDP2()
 

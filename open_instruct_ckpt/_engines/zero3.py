@@ -65,5 +65,25 @@ class ZeRO3:
     def original_class(self, module: nn.Module) -> type | None:
         return None
 
+    def shard_of(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
+        """This rank's flat partition (`ds_tensor`, padded to the same size on every rank), when the partitions span
+        every rank in rank order; the full tensor is their concatenation, cut to `ds_numel`."""
+        import torch.distributed as dist
+
+        part = getattr(tensor, "ds_tensor", None)
+        group = getattr(tensor, "ds_process_group", None)
+        if part is None or part.numel() != getattr(part, "ds_numel", -1) or part.device.type == "meta":
+            return None
+        if dist.get_world_size(group) != dist.get_world_size() or dist.get_rank(group) != dist.get_rank():
+            return None
+        return part.detach(), (tensor.ds_numel, tuple(tensor.ds_shape))
+
+    def whole(self, part: torch.Tensor, spec: Any, group: Any, dst: int | None) -> torch.Tensor | None:
+        from . import gather_parts
+
+        parts = gather_parts(part, group, dst)
+        numel, shape = spec
+        return None if parts is None else torch.cat(parts)[:numel].view(shape)
+
 
 ENGINE = ZeRO3()

@@ -101,7 +101,7 @@ def gather(plan: WritePlan, target: Target | None) -> Persist | None:
         for _relative, sub in plan.walk():
             for_each_module_state(sub.weights.groups, None)
         return None
-    persist = Persist(_directories(plan, target), target)
+    persist = Persist(directories(plan, target), target)
     try:
         for directory in persist.directories:
             for_each_module_state(directory.plan.weights.groups, _consumer(directory, target.copy))
@@ -115,7 +115,7 @@ def _consumer(directory: _Directory, copy: Copy | None) -> Callable[[ModuleState
     return lambda state: directory.consume(state, copy)
 
 
-def _directories(plan: WritePlan, target: Target) -> list[_Directory]:
+def directories(plan: WritePlan, target: Target) -> list[_Directory]:
     found = []
     for relative, sub in plan.walk():
         path = target.directory / relative

@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from .._dist import any_rank, background_group, gather_to_all, raise_on_all_ranks
+from .._dist import any_rank, background_group, gather_to_all, is_distributed, raise_on_all_ranks
 from .._errors import explained
 from .._measure.stats import PhaseTimer, SaveStats
-from . import commit, files, progress
+from . import commit, files, progress, snapshot
 from .claim import claim_output_dir
 from .executor import Persist, Target, WriteReport, gather
 from .lock import RunLock
@@ -59,8 +59,11 @@ class Saver:
         self.small_files_bytes: int | None = None  # measured by `claim`
         self.leftovers = commit.Leftovers()
         self._background = Background() if async_save else None
-        self._arena = Arena() if async_save and team.writes else None
-        self._group = background_group() if async_save and team.shares_files else None
+        self._arena = Arena() if async_save else None
+        self._group, self._publishers = None, [0]
+        if async_save and is_distributed():  # background saves gather and combine on their own process group
+            self._group = background_group()
+            self._publishers = [rank for rank, publishes in enumerate(gather_to_all(team.publishes)) if publishes]
         self._done: Saved | None = None  # a sync save's result, until `wait` hands it out
 
     def claim(self, plan: WritePlan, saved_module: nn.Module, resume_step: int, existing: str) -> RunLock | None:
@@ -98,9 +101,12 @@ class Saver:
         staged = prepare(self.settings, self.team, plan, name, strategy.saved_module(model), small)
         timer.lap("prepare")
         job = _Job(name, step, repr(strategy), staged, None, timer)
-        if background and self._background is not None and self._arena_fits(plan):
-            self._snapshot(job, plan)
-            return
+        if background and self._background is not None:
+            sharded = self._group is not None and not any_rank(not snapshot.shardable(plan))
+            needed = snapshot.arena_bytes(plan, self.team.writes) if sharded else plan.stored_bytes * self.team.writes
+            if self._arena_fits(needed):
+                self._snapshot(job, plan, sharded, needed)
+                return
         job.persist = self._gather(job, plan, copy=None)
         saved, error = self._persist(job)
         raise_on_all_ranks(error)
@@ -175,18 +181,34 @@ class Saver:
         self._discard_on_failure(job, error)
         return persist
 
-    def _snapshot(self, job: _Job, plan: WritePlan) -> None:
-        """Collective: the blocking half of an async save; the rest runs in the background on every writer."""
-        assert self._background is not None
-        if self._arena is not None:
-            self._arena.reset(plan.stored_bytes)
-        job.persist = self._gather(job, plan, copy=self._arena.copy if self._arena is not None else None)
+    def _snapshot(self, job: _Job, plan: WritePlan, sharded: bool, needed: int) -> None:
+        """Collective: the blocking half of an async save; the rest runs in the background on every rank. A sharded
+        model blocks only for each rank's copy of its own shards; otherwise the gather blocks, copying into the
+        arena."""
+        assert self._background is not None and self._arena is not None
+        self._arena.reset(needed)
+        if sharded:
+            kept = snapshot.take(plan, self._arena, self.team.writes)
+            job.blocking_seconds = sum(job.timer.seconds.values()) + job.timer.since_lap()
+            self._background.start(lambda: self._gather_then_persist(job, plan, kept))
+            return
+        job.persist = self._gather(job, plan, copy=self._arena.copy if self.team.writes else None)
         job.blocking_seconds = sum(job.timer.seconds.values()) + job.timer.since_lap()
         self._background.start(lambda: self._persist(job))
 
-    def _arena_fits(self, plan: WritePlan) -> bool:
-        """Collective: whether every writer's host memory holds the arena; else this save runs sync (warned)."""
-        needed = plan.stored_bytes if self._arena is not None else 0
+    def _gather_then_persist(self, job: _Job, plan: WritePlan, kept: snapshot.Snapshot) -> tuple[Saved, Any]:
+        """Background, every rank: rebuild the snapshot's tensors on the writer(s) and write them, then persist."""
+        one_writer = len(self._publishers) == 1 and not self.team.shares_files
+        try:
+            job.persist = snapshot.gather(plan, kept, self._target(job.staged), self._group,
+                                          self._publishers[0] if one_writer else None)
+        except Exception as exc:
+            job.persist = None
+            return self._persist(job, explained(exc, self.settings.output_dir / job.name))
+        return self._persist(job)
+
+    def _arena_fits(self, needed: int) -> bool:
+        """Collective: whether every rank's host memory holds its arena; else this save runs sync (warned)."""
         short = self._arena is not None and not self._arena.fits(needed)
         if any_rank(short):
             if short:
@@ -195,12 +217,13 @@ class Saver:
             return False
         return True
 
-    def _persist(self, job: _Job) -> tuple[Saved, BaseException | None]:
-        """Every writer, inline (sync) or in the background (async): write what is left, then the publisher seals and
-        publishes. Before the commit point a failure discards the staging directory; the previous checkpoint stays."""
-        report, error = WriteReport(), None
+    def _persist(self, job: _Job, error: BaseException | None = None) -> tuple[Saved, BaseException | None]:
+        """Every rank, inline (sync) or in the background (async): write what is left, then the publisher seals and
+        publishes. Before the commit point a failure discards the staging directory; the previous checkpoint stays.
+        A rank that failed earlier (`error`) still takes part in combining the writers' reports."""
+        report = WriteReport()
         try:
-            if job.persist is not None:
+            if job.persist is not None and error is None:
                 report = job.persist()
         except Exception as exc:
             error = explained(exc, self.settings.output_dir / job.name)

@@ -70,6 +70,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--fail-shard-write-at-step", type=int, default=None, help="rank 0's disk fills mid-save")
     parser.add_argument("--writers", choices=["main", "all"], default="main", help="FullModel(writers=...)")
     parser.add_argument("--async-save", action="store_true", help="CheckpointCallback(async_save=True)")
+    parser.add_argument("--slow-disk", type=float, default=0.0,
+                        help="seconds each checkpoint file waits before it is written (training goes on meanwhile)")
     parser.add_argument("--unshared-output-dir", action="store_true",
                         help="output_dir 'ckpt' relative to a directory of each rank's own: storage not shared")
     parser.add_argument("--expect-error", action="store_true")
@@ -255,6 +257,16 @@ def capture_warnings(report: dict) -> None:
 
 # -- the run --------------------------------------------------------------------------------------
 
+def slow_down_the_disk(seconds: float) -> None:
+    real = _safetensors.open_stream
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    _safetensors.open_stream = slow
+
+
 def set_up_processes(opts: argparse.Namespace, report: dict) -> int:
     """Audit hook on every rank (the writer's shows the hook sees writes), then the process group."""
     rank = int(os.environ["RANK"])
@@ -328,6 +340,8 @@ def main() -> None:
     report: dict = {"audit": []}
     rank = set_up_processes(opts, report)
     capture_warnings(report)
+    if opts.slow_disk:
+        slow_down_the_disk(opts.slow_disk)
     gathered, gather_bytes = [], []
     trainer, error = None, None
     try:
