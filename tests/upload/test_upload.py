@@ -426,8 +426,6 @@ def test_bad_upload_options_are_refused_at_construction(tmp_path):
             Upload(to=str(tmp_path), timeout_s=timeout)
     with pytest.raises(ValueError, match=r"Retry\(tries=0\) must be an int of at least 1"):
         Upload(to=str(tmp_path), retry=Retry(tries=0))
-    with pytest.raises(ValueError, match=r"\['wait_s'\] configure an upload but upload_to is missing"):
-        CheckpointCallback(FullModel(), upload_wait_s=-5)  # the deprecated spelling, without a target
 
 
 _WITHOUT_S3FS = """
