@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ def make_trainer(model, tokenizer, output_dir: Path, callback, rows: int = 64, *
         train_dataset=TinyTextDataset(len(tokenizer), rows=rows), processing_class=tokenizer,
         callbacks=[callback] if callback is not None else [],
     )
+
+
+def manifest_bytes(checkpoint: Path) -> int:
+    """The bytes of every file a checkpoint's manifest lists."""
+    return sum(e["bytes"] for e in json.loads((checkpoint / "checkpoint.json").read_text())["files"].values())
 
 
 def entries(path: Path) -> set[str]:

@@ -27,7 +27,7 @@ def cli(*args: object, entry_point: bool = False) -> subprocess.CompletedProcess
 
 
 def one_line_error(done: subprocess.CompletedProcess, code: int = 2) -> str:
-    assert done.returncode == code, done
+    assert done.returncode == code and done.stdout == "", done
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     return done.stderr.strip()
 
@@ -112,14 +112,23 @@ def test_inspect_an_incomplete_checkpoint_exits_1(run_copy):
     assert done.returncode == 1 and "complete:    no: config.json: missing" in done.stdout
 
 
-def test_verify_and_load(run_copy):
+def test_verify_exit_codes_and_every_path_reported_after_a_damaged_one(run_copy, tmp_path):
     assert cli("verify", run_copy / "step_2", run_copy / "final").returncode == 0
-    done = cli("verify", "--load", run_copy / "final")
+    (run_copy / "step_2" / "tokenizer.json").write_text("{}")
+    manifest = json.loads((run_copy / "step_4" / "checkpoint.json").read_text())
+    manifest["files"]["config.json"] = 7  # a manifest of the wrong shape: reported, never a traceback
+    (run_copy / "step_4" / "checkpoint.json").write_text(json.dumps(manifest))
+    done = cli("verify", run_copy / "step_2", run_copy / "step_4", run_copy / "final", tmp_path / "missing")
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr
+    assert f"{run_copy / 'step_2'}: CORRUPT\n  tokenizer.json: size 2 bytes" in done.stdout
+    assert f"{run_copy / 'step_4'}: CORRUPT" in done.stdout and "file entry 'config.json': not a mapping" in done.stdout
+    assert f"{run_copy / 'final'}: OK" in done.stdout and f"{tmp_path / 'missing'}: CORRUPT" in done.stdout
+
+
+def test_verify_load_opens_each_checkpoint_with_the_stock_loaders(run):
+    done = cli("verify", "--load", run / "final")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "loaded LlamaForCausalLM (23,968 parameters)" in done.stdout and done.stdout.endswith("final: OK\n")
-    (run_copy / "step_2" / "tokenizer.json").write_text("{}")
-    done = cli("verify", run_copy / "step_2")
-    assert done.returncode == 1 and "tokenizer.json: size 2 bytes" in done.stdout
 
 
 def test_verify_an_output_directory_checks_each_checkpoint(run_copy):

@@ -77,8 +77,3 @@ def test_peft_model_is_rejected_with_a_pointer_to_lora_adapter(tmp_path, tokeniz
     peft_model = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match=r"FullModel got a PEFT model; use LoRAAdapter\(\)"):
         make_trainer(peft_model, tokenizer, tmp_path, CheckpointCallback(FullModel()))
-
-
-def test_bad_max_shard_size_is_rejected_at_construction():
-    with pytest.raises(ValueError, match=r"FullModel\(max_shard_size=0\): must be positive"):
-        FullModel(max_shard_size=0)

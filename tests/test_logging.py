@@ -1,8 +1,13 @@
-"""Our log lines follow the Trainer's log level, and print like the Trainer's own when nothing configured logging."""
+"""Our log lines follow the Trainer's log level, and print like the Trainer's own when nothing configured logging;
+the writer logs one line per save."""
 
+import logging
 import subprocess
 import sys
 import textwrap
+
+from conftest import make_trainer
+from open_instruct_ckpt import CheckpointCallback, FullModel
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -27,3 +32,11 @@ def test_log_level_info_shows_saves_and_warning_hides_them(tmp_path):
     assert f"Saved checkpoint {tmp_path / 'info' / 'step_2'}: " in info
     assert "Trainer checkpoints are skipped: save_only_model=True" in info
     assert "Saved checkpoint" not in run(tmp_path, "warning")
+
+
+def test_one_log_line_per_save_on_the_writer(tmp_path, tokenizer, llama, caplog):
+    with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
+        make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel())).train()
+    saved = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saved checkpoint")]
+    assert len(saved) == 2
+    assert str(tmp_path / "step_2") in saved[0] and " bytes in " in saved[0]

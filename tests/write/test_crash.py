@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = Path(__file__).parent / "fault_scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "fault_scripts"
 
 
 def launch(script: str, *args, timeout: int = 400) -> dict:

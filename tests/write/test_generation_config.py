@@ -58,11 +58,6 @@ def test_token_id_outside_the_vocabulary_fails_before_training(tmp_path, tokeniz
         make_trainer(llama, tokenizer, tmp_path, callback)
 
 
-def test_invalid_generation_config_fails_at_construction():
-    with pytest.raises(ValueError, match=r"generation config max_new_tokens=0 must be an integer >= 1"):
-        CheckpointCallback(FullModel(), generation_config={"max_new_tokens": 0})
-
-
 def test_strict_validation_catches_what_lenient_validation_only_logs(tmp_path, tokenizer, llama):
     callback = CheckpointCallback(FullModel(), generation_config=GenerationConfig(temperature=0.5))
     with pytest.raises(ValueError, match=r"(?s)invalid generation config for the checkpoint: .*`temperature` is set to `0.5`"):
@@ -79,3 +74,27 @@ def test_explicit_generation_config_is_saved_as_given(tmp_path, tokenizer, llama
     make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel(), generation_config=given)).train()
     saved = saved_generation_config(tmp_path / "final")
     assert saved["temperature"] == 0.7 and saved["do_sample"] is True and saved["eos_token_id"] == 2
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"max_new_token": 5}, r"generation_config has unknown fields \['max_new_token'\]; did you mean "
+                           r"'max_new_token' -> 'max_new_tokens'\?"),
+    ({"num_beams": 0}, r"generation config num_beams=0 must be an integer >= 1: generate\(\) would fail"),
+    ({"max_new_tokens": 0}, r"generation config max_new_tokens=0 must be an integer >= 1"),
+    ({"do_sample": True, "top_p": 1.5}, r"top_p=1.5 must be a number in \[0, 1\]"),
+    ({"eos_token_id": "x"}, r"generation config eos_token_id='x' must be a token id \(an int\) or a non-empty list"),
+    ({"eos_token_id": [2, None]}, r"eos_token_id=\[2, None\] must be a token id"),
+])
+def test_generation_config_dicts_are_checked_at_construction(spec, match):
+    with pytest.raises(ValueError, match=match):
+        CheckpointCallback(FullModel(), generation_config=spec)
+
+
+def test_generation_config_object_is_checked_against_generate_before_training(tmp_path, tokenizer, llama):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(num_beams=2)
+    config.num_beams = 0  # set after construction: only the build at on_init_end sees it
+    callback = CheckpointCallback(FullModel(), generation_config=config)
+    with pytest.raises(ValueError, match=r"num_beams=0 must be an integer >= 1"):
+        make_trainer(llama, tokenizer, tmp_path, callback)

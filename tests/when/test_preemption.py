@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from conftest import make_trainer
 from open_instruct_ckpt import CheckpointCallback, FullModel, verify_checkpoint
 
-SCRIPT = Path(__file__).parent / "fault_scripts" / "train.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "fault_scripts" / "train.py"
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):

@@ -1,4 +1,5 @@
-"""Start-up cleanup removes only our temporaries; a second run on a locked output_dir is refused."""
+"""The start-up claim on output_dir: it removes only our temporaries and restores orphans; a second run on a locked
+output_dir is refused, naming the other run's pid and the fixes, before anything there is touched."""
 
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def test_second_run_on_a_locked_output_dir_is_refused(tmp_path, tokenizer, llama
         assert holder.stdout.readline().strip() == "locked"
         (tmp_path / ".tmp-step_1-dddddddddddd").mkdir()  # the live run's work in progress
         with pytest.raises(CheckpointError, match=rf"output_dir {tmp_path} is in use by another run "
-                                                   rf"\(pid {holder.pid}\).*choose a different output_dir"):
+                                                   rf"\(pid {holder.pid}\).*choose a different output_dir.*calls "
+                                                   r"close\(\) on its CheckpointCallback"):
             make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel()), max_steps=2).train()
         assert (tmp_path / ".tmp-step_1-dddddddddddd").exists()
     finally:

@@ -1,4 +1,5 @@
-"""The engine seam: import rules, and FSDP2 / DTensor handling in one process (a world of one, gloo on CPU).
+"""The engine seam: FSDP2 / DTensor handling in one process (a world of one, gloo on CPU); the import rules are
+tests/test_layout.py's.
 
 The real 2-process runs are in tests/distributed/test_fsdp2.py; here a world of one still makes
 real DTensors and a real `fully_shard`, so the seam's dispatch, the class name and the refusals

@@ -1,19 +1,15 @@
-"""Bad input is refused before training with a message naming the value and the fix; no pickles."""
+"""Every argument is checked before training (at construction, when the Trainer is built, again at on_train_begin
+before the lock is taken) with a message naming the value and the fix; the tokenizer and output_dir defaults."""
 
 import os
 import signal
 
 import pytest
+from transformers import Trainer
 
-from conftest import make_trainer
-from open_instruct_ckpt import (
-    CheckpointCallback,
-    CheckpointError,
-    FullModel,
-    ModelAttribute,
-    latest_checkpoint,
-)
-from open_instruct_ckpt._format.readers import read_manifest, verify_checkpoint
+from conftest import entries, make_trainer, training_args
+from open_instruct_ckpt import CheckpointCallback, CheckpointError, FullModel, ModelAttribute
+from open_instruct_ckpt.tiny import TinyTextDataset
 
 
 @pytest.mark.parametrize("strategy,match", [
@@ -23,17 +19,6 @@ from open_instruct_ckpt._format.readers import read_manifest, verify_checkpoint
 def test_unknown_strategy(strategy, match):
     with pytest.raises(TypeError, match=match):
         CheckpointCallback(strategy)
-
-
-@pytest.mark.parametrize("name", ["", "a/b", "a\\b", "..", "policy..x", ".policy"])
-def test_bad_attribute_names(name):
-    with pytest.raises(ValueError, match=r"ModelAttribute\(.*\): "):
-        ModelAttribute(name)
-
-
-def test_missing_attribute(tmp_path, tokenizer, llama):
-    with pytest.raises(ValueError, match=r"ModelAttribute\('policy'\): LlamaForCausalLM has no attribute 'policy'"):
-        make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(ModelAttribute("policy")))
 
 
 @pytest.mark.parametrize("keep_last", [0, -1])
@@ -69,25 +54,11 @@ def test_output_dir_not_writable(tmp_path, tokenizer, llama, monkeypatch):
     assert trainer.state.global_step == 0
 
 
-def test_manifest_paths_cannot_escape_and_symlinks_are_ignored(tmp_path, tokenizer, llama):
-    make_trainer(llama, tokenizer, tmp_path / "run", CheckpointCallback(FullModel()), max_steps=2).train()
-    step = tmp_path / "run" / "step_2"
-    files = list(step.iterdir())
-    assert files and not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
-    manifest = (step / "checkpoint.json").read_text()
-    (tmp_path / "secret").write_text("x")
-    (step / "checkpoint.json").write_text(manifest.replace('"config.json"', '"../../secret"'))
-    assert read_manifest(step) is None
-    assert "file entry '../../secret': path escapes the checkpoint directory" in verify_checkpoint(step)[0]
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "step_99").symlink_to(tmp_path / "run" / "final")
-    assert latest_checkpoint(tmp_path / "other") is None
-
-
 @pytest.mark.parametrize("strategy", [FullModel, lambda **kw: ModelAttribute("policy", **kw)])
 @pytest.mark.parametrize("size,error,match", [
     ("5XB", ValueError, r"max_shard_size='5XB'\): Unit 'XB' not supported.*use a size like '5GB'"),
     ("0GB", ValueError, r"max_shard_size='0GB'\): must be positive"),
+    (0, ValueError, r"max_shard_size=0\): must be positive"),
     ("-1GB", ValueError, r"max_shard_size='-1GB'\): must be positive"),
     (True, TypeError, r"max_shard_size=True\): use an int of bytes or a size like '5GB'"),
     (1.5, TypeError, r"max_shard_size=1.5\): use an int of bytes"),
@@ -119,29 +90,6 @@ def test_preemption_signals_accept_names_ints_and_members():
     assert callback.preemption_signals == (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
-@pytest.mark.parametrize("spec,match", [
-    ({"max_new_token": 5}, r"generation_config has unknown fields \['max_new_token'\]; did you mean "
-                           r"'max_new_token' -> 'max_new_tokens'\?"),
-    ({"num_beams": 0}, r"generation config num_beams=0 must be an integer >= 1: generate\(\) would fail"),
-    ({"do_sample": True, "top_p": 1.5}, r"top_p=1.5 must be a number in \[0, 1\]"),
-    ({"eos_token_id": "x"}, r"generation config eos_token_id='x' must be a token id \(an int\) or a non-empty list"),
-    ({"eos_token_id": [2, None]}, r"eos_token_id=\[2, None\] must be a token id"),
-])
-def test_generation_config_dicts_are_checked_at_construction(spec, match):
-    with pytest.raises(ValueError, match=match):
-        CheckpointCallback(FullModel(), generation_config=spec)
-
-
-def test_generation_config_object_is_checked_against_generate_before_training(tmp_path, tokenizer, llama):
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(num_beams=2)
-    config.num_beams = 0  # set after construction: only the build at on_init_end sees it
-    callback = CheckpointCallback(FullModel(), generation_config=config)
-    with pytest.raises(ValueError, match=r"num_beams=0 must be an integer >= 1"):
-        make_trainer(llama, tokenizer, tmp_path, callback)
-
-
 def test_existing_checkpoints_policy_is_checked(tmp_path):
     with pytest.raises(ValueError, match=r"existing_checkpoints='overwrite' must be one of \('error', 'supersede'\)"):
         CheckpointCallback(FullModel(), existing_checkpoints="overwrite")
@@ -156,3 +104,39 @@ def test_bad_argument_found_at_train_begin_takes_no_lock_and_installs_nothing(tm
         trainer.train()
     assert signal.getsignal(signal.SIGTERM) == before
     assert not (tmp_path / ".open_instruct_ckpt.lock").exists()
+
+
+def evaluating_trainer(model, tokenizer, output_dir, callback, **overrides):
+    dataset = TinyTextDataset(len(tokenizer))
+    args = training_args(output_dir, eval_strategy="steps", eval_steps=2, **overrides)
+    return Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer,
+                   callbacks=[callback])
+
+
+def test_save_strategy_best_is_rejected_before_training(tmp_path, tokenizer, llama):
+    with pytest.raises(ValueError, match=r"save_strategy='best' is decided after evaluation"):
+        evaluating_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel()), save_strategy="best",
+                           metric_for_best_model="loss")
+
+
+def test_load_best_model_at_end_needs_the_trainers_checkpoints(tmp_path, tokenizer, llama):
+    with pytest.raises(ValueError, match=r"load_best_model_at_end=True needs the Trainer's own checkpoints"):
+        evaluating_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel()), load_best_model_at_end=True)
+
+
+def test_missing_tokenizer_names_both_fixes(tmp_path, tokenizer, llama):
+    with pytest.raises(ValueError, match=r"pass Trainer\(processing_class=tokenizer\) or CheckpointCallback\(\.\.\., tokenizer=tokenizer\)"):
+        Trainer(model=llama, args=training_args(tmp_path), train_dataset=TinyTextDataset(len(tokenizer)),
+                callbacks=[CheckpointCallback(FullModel())])
+
+
+def test_explicit_tokenizer_is_used_without_processing_class(tmp_path, tokenizer, llama):
+    trainer = Trainer(model=llama, args=training_args(tmp_path), train_dataset=TinyTextDataset(len(tokenizer)),
+                      callbacks=[CheckpointCallback(FullModel(), tokenizer=tokenizer)])
+    trainer.train()
+    assert "tokenizer.json" in entries(tmp_path / "final")
+
+
+def test_output_dir_argument_overrides_args_output_dir(tmp_path, tokenizer, llama):
+    make_trainer(llama, tokenizer, tmp_path / "trainer", CheckpointCallback(FullModel(), output_dir=tmp_path / "ours")).train()
+    assert entries(tmp_path / "ours") == {"step_2", "step_4", "final"}

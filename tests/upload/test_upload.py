@@ -321,14 +321,17 @@ class DeleteBucket(TrainerCallback):
             self.bucket.client.create_bucket(Bucket=self.bucket.name)
 
 
-def test_a_failed_upload_is_retried_after_the_next_save(tmp_path, tokenizer, llama, bucket, caplog):
-    callback = s3_callback(bucket)
-    trainer = make_trainer(llama, tokenizer, tmp_path, callback)
-    trainer.add_callback(DeleteBucket(bucket, caplog, restore_after_failure=True))
+def train_while_the_bucket_is_gone(tmp_path, tokenizer, llama, bucket, caplog, restore_after_failure):
+    """A 4-step run uploading to `bucket`, deleted after the start-up check; training must reach its end."""
+    trainer = make_trainer(llama, tokenizer, tmp_path, s3_callback(bucket))
+    trainer.add_callback(DeleteBucket(bucket, caplog, restore_after_failure))
     with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
         trainer.train()
-
     assert trainer.state.global_step == 4
+
+
+def test_a_failed_upload_is_retried_after_the_next_save(tmp_path, tokenizer, llama, bucket, caplog):
+    train_while_the_bucket_is_gone(tmp_path, tokenizer, llama, bucket, caplog, restore_after_failure=True)
     tree = bucket.tree()
     assert set(tree) == {"step_2", "step_4", "final"}
     assert all(files == local_files(tmp_path / name) for name, files in tree.items())
@@ -337,13 +340,7 @@ def test_a_failed_upload_is_retried_after_the_next_save(tmp_path, tokenizer, lla
 
 def test_a_failing_upload_never_stops_training_and_is_reported_at_the_end(tmp_path, tokenizer, llama, bucket,
                                                                          caplog):
-    callback = s3_callback(bucket)
-    trainer = make_trainer(llama, tokenizer, tmp_path, callback)
-    trainer.add_callback(DeleteBucket(bucket, caplog, restore_after_failure=False))
-    with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
-        trainer.train()
-
-    assert trainer.state.global_step == 4
+    train_while_the_bucket_is_gone(tmp_path, tokenizer, llama, bucket, caplog, restore_after_failure=False)
     assert entries(tmp_path) == {"step_2", "step_4", "final"}
     assert all(verify_checkpoint(tmp_path / name) == [] for name in ("step_2", "step_4", "final"))
     [report] = [m for m in messages(caplog, logging.WARNING) if m.startswith("Not uploaded")]
@@ -427,8 +424,6 @@ def test_bad_upload_options_are_refused_at_construction(tmp_path):
             Upload(to=str(tmp_path), timeout_s=timeout)
     with pytest.raises(ValueError, match=r"Retry\(tries=0\) must be an int of at least 1"):
         Upload(to=str(tmp_path), retry=Retry(tries=0))
-    with pytest.raises(ValueError, match=r"\['wait_s'\] configure an upload but upload_to is missing"):
-        CheckpointCallback(FullModel(), upload_wait_s=-5)  # the deprecated spelling, without a target
 
 
 _WITHOUT_S3FS = """

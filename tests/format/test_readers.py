@@ -1,5 +1,6 @@
 """Readers (latest_checkpoint, complete_checkpoints, verify) survive anything on disk: they skip or
-report, never raise, never hang and never modify; one bad directory never hides the good ones."""
+report, never raise, never hang and never modify; one bad directory never hides the good ones.
+`latest_checkpoint` orders steps by number, and `final` wins a tie."""
 
 import json
 import os
@@ -11,8 +12,8 @@ import threading
 
 import pytest
 
-from conftest import saver_for
-from open_instruct_ckpt import FullModel, complete_checkpoints, latest_checkpoint, verify_checkpoint
+from conftest import entries, make_trainer, saver_for
+from open_instruct_ckpt import CheckpointCallback, FullModel, complete_checkpoints, latest_checkpoint, verify_checkpoint
 from open_instruct_ckpt._format.readers import read_manifest
 from open_instruct_ckpt._format.safetensors_header import safetensors_header_problems
 
@@ -222,20 +223,25 @@ print(latest.name, len(problems), sorted(set(events)))
     assert done.stdout.split() == [".old-step_2-0123456789ab", "0", "[]"]
 
 
-def test_cli_verify_reports_each_path_and_never_prints_a_traceback(good, tmp_path):
-    manifest = manifest_of(good)
-    manifest["files"]["config.json"] = 7
-    write_manifest(good, manifest)
-    command = [sys.executable, "-m", "open_instruct_ckpt.cli", "verify", str(good), str(tmp_path / "step_1"),
-               str(tmp_path / "missing")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr
-    assert f"{good}: CORRUPT" in done.stdout and "file entry 'config.json': not a mapping" in done.stdout
-    assert f"{tmp_path / 'step_1'}: OK" in done.stdout and f"{tmp_path / 'missing'}: CORRUPT" in done.stdout
+def test_latest_checkpoint_orders_steps_numerically_and_final_wins_a_tie(tmp_path, tokenizer, llama):
+    make_trainer(llama, tokenizer, tmp_path, CheckpointCallback(FullModel()), max_steps=10, save_steps=1, save_strategy="steps").train()
+    assert {"step_9", "step_10", "final"} <= entries(tmp_path)
+    assert latest_checkpoint(tmp_path) == tmp_path / "final"
+    (tmp_path / "final" / "checkpoint.json").unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_10"
+    assert latest_checkpoint(tmp_path / "missing") is None
 
 
-def test_cli_list_on_a_missing_directory_is_one_line_on_stderr(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "open_instruct_ckpt.cli", "list", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and done.stdout == ""
-    assert done.stderr.strip().count("\n") == 0 and "does not exist" in done.stderr
+def test_manifest_paths_cannot_escape_and_symlinks_are_ignored(tmp_path, tokenizer, llama):
+    make_trainer(llama, tokenizer, tmp_path / "run", CheckpointCallback(FullModel()), max_steps=2).train()
+    step = tmp_path / "run" / "step_2"
+    files = list(step.iterdir())
+    assert files and not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
+    manifest = (step / "checkpoint.json").read_text()
+    (tmp_path / "secret").write_text("x")
+    (step / "checkpoint.json").write_text(manifest.replace('"config.json"', '"../../secret"'))
+    assert read_manifest(step) is None
+    assert "file entry '../../secret': path escapes the checkpoint directory" in verify_checkpoint(step)[0]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "step_99").symlink_to(tmp_path / "run" / "final")
+    assert latest_checkpoint(tmp_path / "other") is None

@@ -29,16 +29,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
+from launch import ENV, REPO, free_port
 from open_instruct_ckpt import verify_checkpoint
-
-sys.path.insert(0, str(Path(__file__).parent / "distributed"))
-from launch import free_port  # noqa: E402  (tests/distributed has no package or conftest)
 
 pytestmark = pytest.mark.distributed
 
-SCRIPT = Path(__file__).parent / "fault_scripts" / "train.py"
-REPO = Path(__file__).resolve().parents[1]
-ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+SCRIPT = REPO / "tests" / "fault_scripts" / "train.py"
 STARTUP_TIMEOUT = 240  # two ranks import torch/transformers on 2 shared cores
 EXIT_TIMEOUT = 120
 
