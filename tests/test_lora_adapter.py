@@ -116,9 +116,9 @@ def test_save_reads_only_the_trainable_adapter_tensors(tmp_path, tokenizer, monk
     read = []
     real = executor.for_each_module_state
 
-    def spy(groups, consume):
+    def spy(groups, consume, **kwargs):
         read.extend(name for _, tensors in groups for name in tensors)
-        return real(groups, consume)
+        return real(groups, consume, **kwargs)
 
     monkeypatch.setattr(executor, "for_each_module_state", spy)
     config = LoraConfig(r=RANK, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")

@@ -111,17 +111,20 @@ def model_class(module: nn.Module) -> type:
     return type(module)
 
 
-def for_each_module_state(groups: Sequence[Group], consume: Callable[[ModuleState], Any] | None) -> None:
+def for_each_module_state(groups: Sequence[Group], consume: Callable[[ModuleState], Any] | None,
+                          on_host: bool = True) -> None:
     """Collective: gather each group's tensors in turn and hand them to `consume` (on ranks that write).
 
     `groups` is `(module, {full_name: tensor})` pairs, identical and identically ordered on every
-    rank. Ranks that only gather pass `consume=None` and keep nothing. If `consume` raises, the rank
-    still enters every remaining gather (so the other ranks do not hang) and re-raises afterwards.
+    rank. Ranks that only gather pass `consume=None` and keep nothing. The tensors are lent: valid only
+    during `consume`. With `on_host=False` plain tensors stay where they are (an async save copies them
+    off the accelerator itself, without blocking). If `consume` raises, the rank still enters every
+    remaining gather (so the other ranks do not hang) and re-raises afterwards.
     """
     failure: BaseException | None = None
     for _module, tensors in groups:
         keep = consume is not None and failure is None
-        with _gathered(tensors, keep) as state:
+        with _gathered(tensors, keep, on_host) as state:
             if consume is None or not keep:
                 continue
             try:
@@ -133,7 +136,7 @@ def for_each_module_state(groups: Sequence[Group], consume: Callable[[ModuleStat
 
 
 @contextlib.contextmanager
-def _gathered(tensors: dict[str, torch.Tensor], keep: bool) -> Iterator[ModuleState]:
+def _gathered(tensors: dict[str, torch.Tensor], keep: bool, on_host: bool = True) -> Iterator[ModuleState]:
     """Collective: one group's tensors, each engine gathering its own; `{}` unless `keep`."""
     with contextlib.ExitStack() as stack:
         state: ModuleState = {}
@@ -142,7 +145,8 @@ def _gathered(tensors: dict[str, torch.Tensor], keep: bool) -> Iterator[ModuleSt
             if mine:
                 state.update(stack.enter_context(engine.gathered(mine, keep)))
         if keep:
-            state.update({name: _host_copy(t) for name, t in tensors.items() if name not in state})
+            plain = {name: t for name, t in tensors.items() if name not in state}
+            state.update({name: _host_copy(t) if on_host else t.detach() for name, t in plain.items()})
             state = {name: state[name] for name in tensors}
         yield state
 

@@ -104,7 +104,8 @@ def gather(plan: WritePlan, target: Target | None) -> Persist | None:
     persist = Persist(directories(plan, target), target)
     try:
         for directory in persist.directories:
-            for_each_module_state(directory.plan.weights.groups, _consumer(directory, target.copy))
+            for_each_module_state(directory.plan.weights.groups, _consumer(directory, target.copy),
+                                  on_host=target.copy is None)
     except BaseException:
         persist.abort()
         raise

@@ -85,6 +85,11 @@ class Saver:
         return self._arena.capacity if self._arena is not None else 0
 
     @property
+    def staging_pinned(self) -> bool:
+        """Whether that memory is pinned (page-locked, with CUDA), so device-to-host copies need not block."""
+        return self._arena is not None and self._arena.pinned
+
+    @property
     def pending(self) -> bool:
         """A save was started and its result not yet taken (same on every rank)."""
         return self._done is not None or (self._background is not None and self._background.pending)

@@ -58,6 +58,10 @@ class Arena:
     def capacity(self) -> int:
         return 0 if self._buffer is None else self._buffer.numel()
 
+    @property
+    def pinned(self) -> bool:
+        return self._buffer is not None and self._buffer.is_pinned()
+
     def fits(self, nbytes: int) -> bool:
         """Whether a snapshot of `nbytes` fits in the arena, or in host memory when the arena must grow."""
         if nbytes <= self.capacity:
