@@ -53,12 +53,16 @@ class _Directory:
     def consume(self, state: ModuleState, copy: Copy | None) -> None:
         """One gathered group; without `copy` its tensors are lent (valid only during this call)."""
         state = self.plan.weights.transform(state)
-        if copy is not None:
-            state = {name: copy(tensor) for name, tensor in state.items()}
+        if copy is not None:  # only what this rank writes (writers="all": its share) goes into its arena
+            state = {name: copy(tensor) for name, tensor in state.items() if self.wanted(name)}
         if self.collected is not None:
             self.collected.update(state if copy is not None else {n: t.clone() for n, t in state.items()})
         else:
             self.sink.add(state, lent=copy is None)
+
+    def wanted(self, name: str) -> bool:
+        """A transformed tensor this rank writes (a whole state to convert at the end: all, if it writes the file)."""
+        return self.sink.owns_files if self.collected is not None else self.sink.keeps(name)
 
     def finish(self) -> None:
         if self.collected is not None and self.plan.weights.finish is not None:

@@ -108,7 +108,7 @@ class Saver:
         job = _Job(name, step, repr(strategy), staged, None, timer)
         if background and self._background is not None:
             sharded = self._group is not None and not any_rank(not snapshot.shardable(plan))
-            needed = snapshot.arena_bytes(plan, self.team.writes) if sharded else plan.stored_bytes * self.team.writes
+            needed = snapshot.arena_bytes(plan, self.team.writes) if sharded else self._share_bytes(plan)
             if self._arena_fits(needed):
                 self._snapshot(job, plan, sharded, needed)
                 return
@@ -211,6 +211,17 @@ class Saver:
             job.persist = None
             return self._persist(job, explained(exc, self.settings.output_dir / job.name))
         return self._persist(job)
+
+    def _share_bytes(self, plan: WritePlan) -> int:
+        """Bytes of the files this rank writes (all of them for the publisher with writers="main")."""
+        if not self.team.writes:
+            return 0
+        total = 0
+        for _, sub in plan.walk():
+            layout, owned = sub.weights.layout, self.team.owned(sub.weights.layout)
+            total += layout.bytes_of([n for f, names in layout.files.items() if owned is None or f in owned
+                                      for n in names])
+        return total
 
     def _arena_fits(self, needed: int) -> bool:
         """Collective: whether every rank's host memory holds its arena; else this save runs sync (warned)."""

@@ -50,6 +50,14 @@ class ShardWriter:
     def mine(self, filename: str) -> bool:
         return self.owned is None or filename in self.owned
 
+    def keeps(self, name: str) -> bool:
+        """Whether the saved tensor `name` goes to a file this writer writes."""
+        return name in self._file_of and self.mine(self._file_of[name])
+
+    @property
+    def owns_files(self) -> bool:
+        return any(self.mine(filename) for filename in self.layout.files)
+
     def add(self, tensors: dict[str, torch.Tensor], lent: bool = True) -> None:
         """Take gathered tensors. `lent`: they are valid only during this call (a gather's own memory), so what
         cannot be written now is copied; otherwise (arena copies) they are kept as they are."""

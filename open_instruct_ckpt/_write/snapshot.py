@@ -33,13 +33,11 @@ Snapshot = list[list[list[_Kept]]]  # directory -> group -> tensors, in plan ord
 
 
 def shardable(plan: WritePlan) -> bool:
-    """Local: whether every sharded tensor of the plan can be rebuilt from per-rank parts."""
-    for _, sub in plan.walk():
-        for _, tensors in sub.weights.groups:
-            for tensor in tensors.values():
-                if shard_of(tensor) is None and _is_sharded(tensor):
-                    return False
-    return True
+    """Local: whether the plan holds sharded tensors and every one of them can be rebuilt from per-rank parts (a
+    model no engine shards, under DDP or in one process, is copied whole where it is written)."""
+    sharded = [t for _, sub in plan.walk() for _, tensors in sub.weights.groups for t in tensors.values()
+               if _is_sharded(t)]
+    return bool(sharded) and all(shard_of(t) is not None for t in sharded)
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:

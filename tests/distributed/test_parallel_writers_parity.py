@@ -19,7 +19,8 @@ def _files(directory):
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.name != "checkpoint.json"}
 
 
-@pytest.mark.parametrize("engine,mode", [("zero3", "sync"), ("fsdp2", "sync"), ("zero3", "async"), ("fsdp2", "async")])
+@pytest.mark.parametrize("engine,mode", [("zero3", "sync"), ("fsdp2", "sync"), ("zero3", "async"), ("fsdp2", "async"),
+                                         ("ddp", "async")])
 def test_all_writers_checkpoint_is_byte_identical_to_one_writer(launched, engine, mode):
     args = (*ARGS, "--engine", engine)
     extra = ("--async-save",) if mode == "async" else ()
@@ -32,6 +33,9 @@ def test_all_writers_checkpoint_is_byte_identical_to_one_writer(launched, engine
     written_by_rank1 = {event[1].rsplit("/", 1)[-1] for event in every.report(1)["audit"]}
     assert any(name.startswith("model-") for name in written_by_rank1)  # rank 1 really wrote shards
     assert one.report(1)["audit"] == []  # writers="main": the non-writer writes nothing
+    if mode == "async":  # each rank's arena holds its share (ZeRO-3/FSDP2: its shard; DDP: the files it writes)
+        model = one.report(0)["model_bytes"]
+        assert all(0 < every.report(rank)["staging_capacity"] < 0.75 * model for rank in (0, 1))
 
 
 def test_all_writers_on_storage_that_is_not_shared_fail_before_training_naming_writers_main(launched):
