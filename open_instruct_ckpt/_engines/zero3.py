@@ -30,13 +30,13 @@ class ZeRO3:
     def gathered(self, tensors: dict[str, torch.Tensor], keep: bool) -> Iterator[dict[str, torch.Tensor]]:
         """Collective: every rank must pass the same parameters in the same order.
 
-        Yields, when `keep`, the gathered tensors themselves where they live on the CPU (lent: DeepSpeed releases
-        their storage when the gather ends, so a consumer writes or copies them inside), else CPU copies.
+        Yields CPU copies when `keep` (DeepSpeed may reuse the gathered storage once the gather ends, and the
+        writer's digest thread reads the bytes after the write), else nothing.
         """
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(tensors.values()), modifier_rank=None):
-            yield {name: _on_host(t) for name, t in tensors.items()} if keep else {}
+            yield {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()} if keep else {}
 
     def settle(self, model: nn.Module) -> None:
         """Nothing to do: GatheredParameters copes with parameters a forward left gathered."""
@@ -89,6 +89,3 @@ class ZeRO3:
 
 ENGINE = ZeRO3()
 
-
-def _on_host(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach() if tensor.device.type == "cpu" else tensor.detach().to("cpu", copy=True)

@@ -4,7 +4,9 @@ The header comes first, from the planned names, dtypes and shapes, so a file can
 tensors are still being gathered: each tensor's bytes go out once, zero-copy, in header order, and a
 second thread feeds the same buffers to the digest (blake3, which releases the GIL), so the checksum
 costs no extra pass and, being faster than the write, no extra time. The digest thread reads views of
-the caller's tensors: `settle()` waits for it before those tensors may be freed or changed.
+the caller's tensors, which keep their memory alive until it is done; the caller must not change them
+before `close()` (a sync save's tensors are gathered copies or a paused model's, an async save's sit in
+its arena).
 The layout is the safetensors format: an 8-byte little-endian header length, a JSON header padded with
 spaces to 8 bytes, then the tensor data in header order.
 """
@@ -60,8 +62,6 @@ class FileStream:
         self._next = 0
         self._digest = digest.new()
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
-        self._hashed = threading.Condition()
-        self._queued = self._done = 0
         self._hasher = threading.Thread(target=self._hash, name="open_instruct_ckpt-hash", daemon=True)
         self._hasher.start()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -84,11 +84,6 @@ class FileStream:
             _progress.advance(len(chunk))
         self._next += 1
 
-    def settle(self) -> None:
-        """Wait until the digest has read every byte written so far (the tensors may then be freed)."""
-        with self._hashed:
-            self._hashed.wait_for(lambda: self._done >= self._queued)
-
     def close(self) -> str:
         """fsync and close the complete file; returns its digest."""
         if self.expected is not None:
@@ -107,7 +102,6 @@ class FileStream:
         view = chunk
         while view:  # one large write(2) per chunk from the tensor's memory; the GIL is released meanwhile
             view = view[os.write(self._fd, view):]
-        self._queued += 1
         self._pending.put(chunk)
 
     def _finish(self) -> None:
@@ -121,9 +115,6 @@ class FileStream:
     def _hash(self) -> None:
         while (chunk := self._pending.get()) is not StopIteration:
             self._digest.update(chunk)
-            with self._hashed:
-                self._done += 1
-                self._hashed.notify_all()
 
 
 def open_stream(path: Path, planned: dict[str, Planned], metadata: dict[str, str] | None = None) -> FileStream:

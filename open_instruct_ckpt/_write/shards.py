@@ -83,7 +83,6 @@ class ShardWriter:
             while (name := stream.expected) is not None and name in self._early:
                 stream.write(name, self._early.pop(name))
         for filename, stream in streams:
-            stream.settle()  # the digest has read the lent memory before the gather frees it
             if stream.expected is None and filename not in self.digests:
                 self.digests[filename] = stream.close()
 
