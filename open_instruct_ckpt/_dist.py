@@ -81,7 +81,17 @@ def gather_to_all(value: object, group: Any = None) -> list:
     return values
 
 
+_BACKGROUND: dict[int, Any] = {}  # id of the default group -> its background group
+
+
 def background_group() -> Any:
     """Collective, at set-up: a gloo process group for collectives made by background saves, which run beside
-    training's own collectives on the default group (in the same order on every rank)."""
-    return dist.new_group(backend="gloo") if is_distributed() else None
+    training's own collectives on the default group (in the same order on every rank). Made once per default
+    group; every rank asks at the same point, so every rank makes it or none does."""
+    if not is_distributed():
+        return None
+    world = id(dist.group.WORLD)
+    if world not in _BACKGROUND:
+        _BACKGROUND.clear()  # a default group destroyed since took its subgroups with it
+        _BACKGROUND[world] = dist.new_group(backend="gloo")
+    return _BACKGROUND[world]
