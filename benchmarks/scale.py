@@ -4,7 +4,8 @@
 
 Per engine and size, one fresh 2-process launch builds the model already sharded (no rank ever holds it whole),
 then rank 0 measures, fsync everywhere:
-  sync     one FullModel() save (one file, streamed module by module): seconds per GB, and the writer's extra
+  sync     one FullModel() save after a warm-up save (one file, streamed module by module): seconds per GB, and
+           the writer's extra
            peak (rise of VmHWM, reset just before, over RSS before the save)
   async    one async save after a warm-up save: seconds training was blocked, seconds to published, extra peak
            (the arena, which holds this rank's shard, is allocated by the warm-up and reused)
@@ -89,6 +90,7 @@ def worker(opts: argparse.Namespace) -> None:
     settings = SaveSettings(llama_tokenizer(), None, root / "ckpt", keep_last=1)
     sync = Saver(settings, team)
     result: dict = {"model_bytes": pretrained_weights(model, None).stored_bytes, "layers": opts.layers}
+    sync.save(model, "step_0", 0, FullModel())  # warm-up: first collectives, first writes, lazy imports
     result["sync_s"], result["sync_peak"] = timed_peak(lambda: sync.save(model, "step_1", 1, FullModel()))
     asynchronous = Saver(settings, team, async_save=True)
     asynchronous.start(model, "step_2", 2, FullModel())
