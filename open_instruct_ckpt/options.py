@@ -97,7 +97,9 @@ class Upload:
 
     `storage_options` go to fsspec; train end waits at most `wait_s` for the queue (None: as long as it takes);
     every remote call on the training path (the start-up probe, train end's wait) gives up after `timeout_s`
-    without an answer; `retry` says how often a failed checkpoint is tried again.
+    without an answer; `retry` says how often a failed checkpoint is tried again. Rank 0 uploads; with
+    `{node}` in `to` (e.g. "s3://bucket/run/node{node}") each node's publisher (save_on_each_node=True) uploads
+    its own copy there, `{node}` being 0, 1, ... in rank order.
     """
 
     to: str | os.PathLike
@@ -114,10 +116,20 @@ class Upload:
             raise ValueError(f"Upload(timeout_s={self.timeout_s!r}) must be a positive number of seconds, e.g. 60")
         if not isinstance(self.retry, Retry):
             raise TypeError(f"Upload(retry={self.retry!r}) must be a Retry(tries=..., first_delay_s=..., max_delay_s=...)")
-        targets.check(self.to, self.storage_options)
+        targets.check(self.url(0) if isinstance(self.to, (str, os.PathLike)) else self.to, self.storage_options)
 
-    def uploader(self) -> Uploader:
-        return Uploader(targets.make(self.to, self.storage_options), self.wait_s, self.timeout_s, self.retry)
+    @property
+    def per_node(self) -> bool:
+        return isinstance(self.to, (str, os.PathLike)) and NODE_FIELD in os.fspath(self.to)
+
+    def url(self, node: int | None) -> str:
+        return os.fspath(self.to).replace(NODE_FIELD, str(node or 0))
+
+    def uploader(self, node: int | None = None) -> Uploader:
+        return Uploader(targets.make(self.url(node), self.storage_options), self.wait_s, self.timeout_s, self.retry)
+
+
+NODE_FIELD = "{node}"
 
 
 __all__ = ["AutoInterval", "Interval", "Retry", "TrainerInterval", "Upload"]

@@ -25,7 +25,8 @@ from .settings import SaveSettings
 
 SMALL_FILES_MARGIN = 256 * 1024  # beyond the measured small files: safetensors headers, the manifest
 SHARED_FIX = ("writers='all' needs output_dir on a filesystem shared by every rank and writable from each; "
-              "use writers='main' (rank 0 writes every file)")
+              "use writers='main' (rank 0 writes every file; on node-local disks add save_on_each_node=True for a "
+              "copy on each node)")
 
 
 @dataclass(frozen=True)
