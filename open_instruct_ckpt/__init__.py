@@ -15,7 +15,7 @@ from ._format.readers import complete_checkpoints, latest_checkpoint, verify_che
 if TYPE_CHECKING:
     from ._write.generation_config import default_generation_config, olmo_generation_config
     from .callback import CheckpointCallback
-    from .options import AutoInterval, Retry, TrainerInterval, Upload
+    from .options import AutoInterval, Hook, Retry, TrainerInterval, Upload
     from .strategies import CheckpointStrategy, FullModel, LoRAAdapter, ModelAttribute
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointStrategy",
     "FullModel",
+    "Hook",
     "LoRAAdapter",
     "ModelAttribute",
     "Retry",
@@ -47,6 +48,7 @@ _LAZY = {
     "default_generation_config": "._write.generation_config",
     "olmo_generation_config": "._write.generation_config",
     "AutoInterval": ".options",
+    "Hook": ".options",
     "Retry": ".options",
     "TrainerInterval": ".options",
     "Upload": ".options",

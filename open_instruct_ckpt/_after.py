@@ -1,8 +1,9 @@
-"""What follows a publish, beside training: the upload of each published checkpoint.
+"""What follows a publish, beside training: the upload, then the `on_published` hook.
 
-Who uploads (decided at `open`): rank 0, also with `save_on_each_node=True` (every node's local rank 0 then
-publishes its own copy, but one copy goes to the store); with `Upload(to=".../{node}")` every publisher uploads
-its copy to its node's prefix. Nothing here raises into training after `open`.
+Who does what (decided at `open`): rank 0 uploads and runs hooks, also with `save_on_each_node=True` (every
+node's local rank 0 then publishes its own copy, but one copy goes to the store and one evaluation runs per
+checkpoint); with `Upload(to=".../{node}")` every publisher uploads its copy to its node's prefix. Nothing here
+raises into training after `open`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 from . import options
 from ._dist import raise_on_all_ranks
+from ._hooks.command import Published
+from ._hooks.runner import HookRunner
 from ._upload.uploader import Uploader
 from ._write.nodes import publisher_index
 from ._write.roles import Team
@@ -22,12 +25,16 @@ logger = logging.getLogger(__name__)
 
 
 class AfterPublish:
-    def __init__(self, upload: options.Upload | None) -> None:
+    def __init__(self, upload: options.Upload | None, hook: options.Hook | None) -> None:
         self.upload = upload
         self.uploader: Uploader | None = None if upload is None else upload.uploader()
+        self.hooks: HookRunner | None = hook.runner() if hook is not None else None
+        self._hooked = False  # this rank runs the hooks
+        self._waiting_for_upload: dict[str, Published] = {}  # published, queued for upload, hook not yet queued
 
     def open(self, team: Team, output_dir: Path, keep_last: int | None, saver: Saver) -> None:
-        """Collective: the upload target's start-up probe where this rank uploads; a failure is raised on every rank."""
+        """Collective: the upload target's start-up probe where this rank uploads (a failure is raised on every
+        rank), then the hook queue (rank 0)."""
         node = publisher_index(team) if self.upload is not None and self.upload.per_node else None
         uploads = self.upload is not None and (team.rank == 0 if not self.upload.per_node else node is not None)
         error = None
@@ -36,21 +43,50 @@ class AfterPublish:
                 assert self.upload is not None
                 self.uploader = self.upload.uploader(node)
                 self.uploader.open(output_dir, keep_last)
+                self.uploader.on_uploaded = self._uploaded
             except Exception as exc:
                 error = exc
         raise_on_all_ranks(error)
+        self._waiting_for_upload = {}
+        self._hooked = self.hooks is not None and team.rank == 0
+        if self.hooks is not None and self._hooked:
+            self.hooks.open()
 
     def published(self, saved: Saved | None) -> None:
-        """Local: a checkpoint was just published on this rank: queue its upload where this rank uploads."""
+        """Local: a checkpoint was just published on this rank: queue its upload, or (without one) its hook."""
+        if saved is None or saved.path is None:
+            return
         uploader = self.uploader
-        if saved is not None and saved.path is not None and uploader is not None and uploader.is_open:
+        if uploader is not None and uploader.is_open:
+            if self._hooked:
+                url = f"{uploader.remote.url.rstrip('/')}/{saved.name}"
+                self._waiting_for_upload[saved.name] = Published(saved.name, saved.step, saved.path, url)
             uploader.enqueue(saved.path)
+        elif self._hooked and self.hooks is not None:
+            self.hooks.enqueue(Published(saved.name, saved.step, saved.path, str(saved.path)))
 
     def finish(self, stop_when: Any) -> None:
-        """Train end, local: wait (bounded) for the uploads; never raises."""
+        """Train end, local: wait (bounded) for the uploads, then for the hooks; say what is waited for and what is
+        abandoned. Never raises."""
         if self.uploader is not None:
             self.uploader.finish(stop_when=stop_when)
+        if self._waiting_for_upload:
+            logger.warning("The on_published hook did not run for %s: not uploaded", ", ".join(self._waiting_for_upload))
+        if self.hooks is not None and self._hooked:
+            left = self.hooks.unfinished()
+            if left is not None:
+                logger.info("Train end waits for the on_published hook `%s`: %s", self.hooks.name, left)
+            self.hooks.finish(stop_when)
 
     def release(self) -> None:
         if self.uploader is not None:
             self.uploader.stop()
+        if self.hooks is not None:
+            self.hooks.stop()
+
+    # -- in the upload worker's thread -----------------------------------------------------------------
+
+    def _uploaded(self, name: str) -> None:
+        published = self._waiting_for_upload.pop(name, None)
+        if published is not None and self.hooks is not None:
+            self.hooks.enqueue(published)

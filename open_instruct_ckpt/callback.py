@@ -54,6 +54,8 @@ class CheckpointCallback(TrainerCallback):
             publishing run in the background. At most one save is in flight; its failure is raised on every rank.
         writers: "main" (the Trainer's writer writes every file) or "all" (every rank writes its share of the
             shard files; needs output_dir on a filesystem shared by every rank).
+        on_published: `Hook(run=...)`, or what it takes (a command template with `{path}`, `{step}`, `{name}`,
+            `{url}`, or a callable): run on rank 0 after each publish (after its upload), in order, in the background.
     Deprecated keywords (`upload_to`, `upload_storage_options`, `upload_wait_s`, `upload_timeout_s`, `mtbf_hours`,
     `failure_probability`, `save_interval`, `max_save_interval`) still work, with a DeprecationWarning.
     """
@@ -73,6 +75,7 @@ class CheckpointCallback(TrainerCallback):
         upload: options.Upload | None = None,
         async_save: bool = False,
         writers: str = "main",
+        on_published: Any = None,
         **deprecated: Any,
     ) -> None:
         interval, upload = options.from_keywords(interval, upload, deprecated)
@@ -87,7 +90,7 @@ class CheckpointCallback(TrainerCallback):
         self._output_dir = Path(output_dir) if output_dir is not None else None
         self._trainer_checkpoints, self._keep_last, self._existing = trainer_checkpoints, keep_last, existing_checkpoints
         self._interval = interval
-        self._held = Held(PreemptionWatch(preemption_signals), AfterPublish(upload))
+        self._held = Held(PreemptionWatch(preemption_signals), AfterPublish(upload, options.hook_of(on_published)))
         weakref.finalize(self, self._held.release)
         self._policy = policy.SavePolicy(self._held.watch, interval.schedule())
         self._economics = RunEconomics(interval.mtbf_hours, interval.failure_probability)

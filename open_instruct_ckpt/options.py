@@ -5,6 +5,7 @@
 - `AutoInterval`: save every N steps, N re-chosen after each save from measured costs and exactly one
   failure rate, never above `max_steps` (the Trainer's `save_steps` unless given).
 - `Upload`: where published checkpoints are copied in the background, and how patiently.
+- `Hook`: what runs after each publish (after its upload, with uploads), e.g. an evaluation.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._hooks import command as _command
+from ._hooks.runner import HookRunner
 from ._upload import targets
 from ._upload.uploader import Retry, Uploader
 from ._when.policy import AutoSchedule, Schedule, TrainerSchedule
@@ -132,7 +136,41 @@ class Upload:
 NODE_FIELD = "{node}"
 
 
-__all__ = ["AutoInterval", "Interval", "Retry", "TrainerInterval", "Upload"]
+@dataclass(frozen=True)
+class Hook:
+    """Run after each checkpoint is published (after its upload, with `upload=`), in order, in one background thread
+    on rank 0. It never stops training: failures are logged with the command's output tail.
+
+    `run`: a command, as a string split into arguments like a shell line (no shell runs it) or a list of arguments,
+    in which `{path}`, `{step}`, `{name}` and `{url}` (the uploaded copy; else the path) are replaced; or a callable
+    taking the published checkpoint (`.name`, `.step`, `.path`, `.url`). `timeout_s` stops one run of a command
+    (None: no limit); train end waits at most `wait_s` for hooks running or queued, then stops them and names them.
+    """
+
+    run: str | Sequence[str] | Callable[[Any], Any]
+    timeout_s: float | None = None
+    wait_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _command.arguments(self.run)
+        if self.timeout_s is not None and not _positive_finite(self.timeout_s):
+            raise ValueError(f"Hook(timeout_s={self.timeout_s!r}) must be a positive number of seconds, or None")
+        if not _positive_finite(self.wait_s):
+            raise ValueError(f"Hook(wait_s={self.wait_s!r}) must be a positive number of seconds: train end waits "
+                             "that long at most for hooks, e.g. 600")
+
+    def runner(self) -> HookRunner:
+        return HookRunner(self.run, _command.arguments(self.run), self.timeout_s, self.wait_s)
+
+
+def hook_of(on_published: Any) -> Hook | None:
+    """`on_published` as a Hook: a Hook, None, or what `Hook(run=...)` takes."""
+    if on_published is None or isinstance(on_published, Hook):
+        return on_published
+    return Hook(on_published)
+
+
+__all__ = ["AutoInterval", "Hook", "Interval", "Retry", "TrainerInterval", "Upload"]
 
 _DEPRECATED_UPLOAD = {"upload_to": "to", "upload_storage_options": "storage_options", "upload_wait_s": "wait_s",
                       "upload_timeout_s": "timeout_s"}

@@ -73,6 +73,7 @@ class Uploader:
         self._failed: dict[str, tuple[Path, str]] = {}
         self._busy = False  # the worker has a checkpoint (uploading it, pruning after it, or waiting to retry)
         self._current: str | None = None  # the checkpoint it is uploading
+        self.on_uploaded: Callable[[str], None] | None = None  # called by the worker with each uploaded name
         self._activity: Activity | None = None  # its remote operation in flight
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -235,7 +236,17 @@ class Uploader:
         with self._cond:
             self._failed.pop(job.name, None)
         self._update(job.stop, _current=None)
+        self._tell_uploaded(job)
         self._prune_remote(job)
+
+    def _tell_uploaded(self, job: Job) -> None:
+        """`on_uploaded(name)` (the hooks' queue); a failure there is logged, never raised."""
+        if self.on_uploaded is None or job.stop.is_set():
+            return
+        try:
+            self.on_uploaded(job.name)
+        except Exception as exc:
+            logger.warning("After uploading %s: on_uploaded failed (%s: %s)", job.name, type(exc).__name__, exc)
 
     def _fail(self, name: str, path: Path, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"

@@ -1,10 +1,11 @@
 """Launched by tests/distributed/nodes.py on each of two simulated nodes; never collected by pytest.
 
 Trains the tiny model (ZeRO-3, FSDP2 or DDP) with `output_dir=--disk` (a tmpfs of this node's own, or shared),
-optionally `save_on_each_node=True`, async saves, an upload, and SIGUSR1 sent to one process of one node.
-Writes what the tests check:
+optionally `save_on_each_node=True`, async saves, an upload, an `on_published` shell hook, and SIGUSR1 sent to
+one process of one node. Writes what the tests check:
   <out>/reference/step_<N>.pt   global rank 0: the live tensors and logits at each save (gathered by every rank)
   <out>/reports/rank<R>.json    every rank: its role, pid, node, verdict, warnings
+  <out>/hooks.log               the hook: "<name> <step> <pid of the process that ran it>", one line per run
 Ranks that do not save run with RLIMIT_FSIZE=0 from on_train_begin. Exit status as train_worker.py's.
 """
 
@@ -26,10 +27,11 @@ import train_worker
 from spies import allow_file_writes, forbid_file_writes
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from open_instruct_ckpt import CheckpointCallback, FullModel, Upload
+from open_instruct_ckpt import CheckpointCallback, FullModel, Hook, Upload
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_tokenizer
 
 SHARD_BYTES = 30000  # the ~96 KB tiny model in 4 files
+HOOK = 'test -f "$1/checkpoint.json" && echo "$2 $3 $PPID" >> "$0"'  # reads the uploaded copy, logs who ran it
 
 
 def parse() -> argparse.Namespace:
@@ -43,6 +45,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--writers", choices=["main", "all"], default="main")
     parser.add_argument("--upload", default=None, help="Upload(to=...)")
+    parser.add_argument("--hook", action="store_true", help="on_published: a shell command writing <out>/hooks.log")
     parser.add_argument("--sigusr1-rank", type=int, default=None)
     parser.add_argument("--sigusr1-at-step", type=int, default=None)
     parser.add_argument("--expect-error", action="store_true")
@@ -89,8 +92,10 @@ def training_args(opts: argparse.Namespace) -> TrainingArguments:
 
 def callback(opts: argparse.Namespace) -> CheckpointCallback:
     upload = Upload(to=opts.upload, wait_s=60, timeout_s=30) if opts.upload else None
+    hook = Hook(["sh", "-c", HOOK, str(opts.out / "hooks.log"), "{url}", "{name}", "{step}"], timeout_s=60) \
+        if opts.hook else None
     return CheckpointCallback(FullModel(max_shard_size=SHARD_BYTES), async_save=opts.async_save, writers=opts.writers,
-                              upload=upload)
+                              upload=upload, on_published=hook)
 
 
 def main() -> None:

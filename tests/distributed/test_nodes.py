@@ -3,8 +3,8 @@
 `save_on_each_node=True` makes each node's local rank 0 publish a whole checkpoint on its own disk. One launch
 per engine (a few steps, several assertions each):
 - ZeRO-3: async saves, keep_last=2, SIGUSR1 to one process of node 1 (and its torchrun) in step 5, one upload
-  prefix per node (`{node}`);
-- FSDP2: sync saves to the end, keep_last=1, `final/`, the upload to one shared prefix (rank 0).
+  prefix per node (`{node}`), the shell hook;
+- FSDP2: sync saves to the end, keep_last=1, `final/`, the upload to one shared prefix (rank 0), the shell hook.
 Two cheap DDP launches prove that misconfigurations stop every rank of both nodes before training.
 """
 
@@ -33,7 +33,7 @@ def zero3(tmp_path_factory, deepspeed_op):  # noqa: F811
     base = tmp_path_factory.mktemp("zero3-nodes")
     run = launch_nodes(base / "out", base / "disk", "--engine", "zero3", "--save-on-each-node", "--async-save",
                        "--keep-last", "2", "--max-steps", "8", "--sigusr1-rank", "3", "--sigusr1-at-step", "5",
-                       "--upload", str(base / "remote" / "node{node}"))
+                       "--upload", str(base / "remote" / "node{node}"), "--hook")
     print(f"2x2 ZeRO-3 launch: {run.seconds:.1f} s")
     run.remote = base / "remote"
     return run.check()
@@ -43,7 +43,7 @@ def zero3(tmp_path_factory, deepspeed_op):  # noqa: F811
 def fsdp2(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp2-nodes")
     run = launch_nodes(base / "out", base / "disk", "--engine", "fsdp2", "--save-on-each-node", "--keep-last", "1",
-                       "--max-steps", "6", "--upload", str(base / "remote"))
+                       "--max-steps", "6", "--upload", str(base / "remote"), "--hook")
     print(f"2x2 FSDP2 launch: {run.seconds:.1f} s")
     run.remote = base / "remote"
     return run.check()
@@ -114,11 +114,22 @@ def test_with_a_node_placeholder_each_node_uploads_its_own_copy(zero3):
             assert verify_checkpoint(remote / name) == []
 
 
-def test_uploads_come_from_global_rank_0(fsdp2):
+def test_uploads_and_hooks_come_from_global_rank_0_and_the_hook_reads_the_uploaded_copy(fsdp2):
     assert entries(fsdp2.remote) == FSDP2_KEPT  # final/ too: the upload to shared storage
     for name in FSDP2_KEPT:
         assert manifest_bytes(fsdp2.remote / name) == manifest_bytes(fsdp2.node_disk(0) / name)  # node 0's copy
         assert verify_checkpoint(fsdp2.remote / name) == []
+
+
+@pytest.mark.parametrize("engine, last", [("zero3", "step_5 5"), ("fsdp2", "final 6")])
+def test_the_hook_runs_once_per_uploaded_checkpoint_in_order_on_global_rank_0(engine, last, request):
+    run = request.getfixturevalue(engine)
+    lines = (run.out / "hooks.log").read_text().splitlines()
+    ran = [line.rsplit(" ", 1) for line in lines]
+    assert {pid for _, pid in ran} == {str(run.report(0)["pid"])}, lines  # the hook's parent: rank 0
+    assert ran[-1][0] == last and len(ran) == len({name for name, _ in ran}), lines  # each once, the last one last
+    steps = [int(name.split()[1]) for name, _ in ran]
+    assert steps == sorted(steps), lines
 
 
 @pytest.fixture(scope="module")
