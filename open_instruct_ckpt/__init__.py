@@ -15,7 +15,7 @@ from ._format.readers import complete_checkpoints, latest_checkpoint, verify_che
 if TYPE_CHECKING:
     from ._write.generation_config import default_generation_config, olmo_generation_config
     from .callback import CheckpointCallback
-    from .options import AutoInterval, Hook, Retry, TrainerInterval, Upload
+    from .options import AutoInterval, Hook, Retry, Stalls, TrainerInterval, Upload
     from .strategies import CheckpointStrategy, FullModel, LoRAAdapter, ModelAttribute
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "LoRAAdapter",
     "ModelAttribute",
     "Retry",
+    "Stalls",
     "TrainerInterval",
     "Upload",
     "complete_checkpoints",
@@ -50,6 +51,7 @@ _LAZY = {
     "AutoInterval": ".options",
     "Hook": ".options",
     "Retry": ".options",
+    "Stalls": ".options",
     "TrainerInterval": ".options",
     "Upload": ".options",
 }

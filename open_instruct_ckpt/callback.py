@@ -56,6 +56,7 @@ class CheckpointCallback(TrainerCallback):
             shard files; needs output_dir on a filesystem shared by every rank).
         on_published: `Hook(run=...)`, or what it takes (a command template with `{path}`, `{step}`, `{name}`,
             `{url}`, or a callable): run on rank 0 after each publish (after its upload), in order, in the background.
+        stalls: `Stalls(floor_s=60, factor=3, every_s=60)`: when a background save, upload or hook is reported stalled.
     Deprecated keywords (`upload_to`, `upload_storage_options`, `upload_wait_s`, `upload_timeout_s`, `mtbf_hours`,
     `failure_probability`, `save_interval`, `max_save_interval`) still work, with a DeprecationWarning.
     """
@@ -76,6 +77,7 @@ class CheckpointCallback(TrainerCallback):
         async_save: bool = False,
         writers: str = "main",
         on_published: Any = None,
+        stalls: options.Stalls | None = None,
         **deprecated: Any,
     ) -> None:
         interval, upload = options.from_keywords(interval, upload, deprecated)
@@ -90,7 +92,8 @@ class CheckpointCallback(TrainerCallback):
         self._output_dir = Path(output_dir) if output_dir is not None else None
         self._trainer_checkpoints, self._keep_last, self._existing = trainer_checkpoints, keep_last, existing_checkpoints
         self._interval = interval
-        self._held = Held(PreemptionWatch(preemption_signals), AfterPublish(upload, options.hook_of(on_published)))
+        after = AfterPublish(upload, options.hook_of(on_published), options.stalls_of(stalls))
+        self._held = Held(PreemptionWatch(preemption_signals), after)
         weakref.finalize(self, self._held.release)
         self._policy = policy.SavePolicy(self._held.watch, interval.schedule())
         self._economics = RunEconomics(interval.mtbf_hours, interval.failure_probability)
@@ -194,7 +197,7 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         try:
-            self._wait(args, state, control)
+            self._wait(args, state, control, "Train end")
             if not self.preempted and state.global_step >= state.max_steps:
                 self._held.after.published(self._guarded(lambda: self._save_final(state, kwargs["model"])))
             self._held.after.finish(stop_when=self._held.watch.unanswered)
@@ -206,7 +209,7 @@ class CheckpointCallback(TrainerCallback):
 
     def _save_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module):
         started = time.perf_counter()
-        self._wait(args, state, control)  # at most one save in flight
+        self._wait(args, state, control, f"The save of step {state.global_step}")  # at most one save in flight
         saver = self._held.saver
         assert saver is not None
         step = state.global_step
@@ -219,10 +222,12 @@ class CheckpointCallback(TrainerCallback):
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False
 
-    def _wait(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+    def _wait(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+              who: str = "Training") -> None:
         """Collective: take the result of the save in flight (if any); its failure is raised on every rank."""
         saver = self._held.saver
         if saver is not None and saver.pending:
+            self._held.after.waiting(who)
             self._guarded(lambda: self._handle(saver.wait(), args, state, control))
 
     def _handle(self, saved: Saved | None, args: TrainingArguments, state: TrainerState,
@@ -250,7 +255,7 @@ class CheckpointCallback(TrainerCallback):
                              model: nn.Module) -> TrainerControl:
         if not self._saved_at(state.global_step):
             self._save_step(args, state, control, model)
-        self._wait(args, state, control)  # stopping: this step's save must be published first
+        self._wait(args, state, control, "The preemption stop")  # this step's save must be published first
         self.preempted = True
         control.should_training_stop = True
         control.should_save = self.keeps_trainer_checkpoints(args)

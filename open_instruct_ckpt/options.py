@@ -6,6 +6,7 @@
   failure rate, never above `max_steps` (the Trainer's `save_steps` unless given).
 - `Upload`: where published checkpoints are copied in the background, and how patiently.
 - `Hook`: what runs after each publish (after its upload, with uploads), e.g. an evaluation.
+- `Stalls`: when background work (a save, an upload, a hook) is reported as stalled.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from ._hooks import command as _command
 from ._hooks.runner import HookRunner
+from ._measure.stalls import StallWatch
 from ._upload import targets
 from ._upload.uploader import Retry, Uploader
 from ._when.policy import AutoSchedule, Schedule, TrainerSchedule
@@ -170,7 +172,35 @@ def hook_of(on_published: Any) -> Hook | None:
     return Hook(on_published)
 
 
-__all__ = ["AutoInterval", "Hook", "Interval", "Retry", "TrainerInterval", "Upload"]
+@dataclass(frozen=True)
+class Stalls:
+    """Background work (a save, an upload, a hook) is reported as stalled once it runs `factor` times as long as the
+    last one of its kind, and at least `floor_s`; the report names the file, endpoint or command it is on, and is
+    repeated every `every_s` while it lasts."""
+
+    floor_s: float = 60.0
+    factor: float = 3.0
+    every_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("floor_s", "factor", "every_s"):
+            if not _positive_finite(getattr(self, name)):
+                raise ValueError(f"Stalls({name}={getattr(self, name)!r}) must be a positive, finite number")
+
+    def watch(self) -> StallWatch:
+        return StallWatch(self.floor_s, self.factor, self.every_s)
+
+
+def stalls_of(stalls: Any) -> Stalls:
+    if stalls is None:
+        return Stalls()
+    if not isinstance(stalls, Stalls):
+        raise TypeError(f"stalls={stalls!r} must be a Stalls(floor_s=..., factor=..., every_s=...), or None for the "
+                        "defaults")
+    return stalls
+
+
+__all__ = ["AutoInterval", "Hook", "Interval", "Retry", "Stalls", "TrainerInterval", "Upload"]
 
 _DEPRECATED_UPLOAD = {"upload_to": "to", "upload_storage_options": "storage_options", "upload_wait_s": "wait_s",
                       "upload_timeout_s": "timeout_s"}

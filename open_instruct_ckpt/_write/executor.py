@@ -71,6 +71,7 @@ class Persist:
 
     def __init__(self, directories: list[_Directory], target: Target) -> None:
         self.directories, self.target = directories, target
+        self.written = False  # every file is written (read by stall reports, from another thread)
 
     def __call__(self) -> WriteReport:
         report = WriteReport()
@@ -80,7 +81,19 @@ class Persist:
                 _small_files(directory.plan, directory.sink.directory, self.target)
             report.peak_held_bytes = max(report.peak_held_bytes, directory.sink.peak_held_bytes)
             report.sha256.update({f"{directory.relative}{f}": h for f, h in directory.sink.sha256.items()})
+        self.written = True
         return report
+
+    def doing(self) -> str:
+        """What this writer is on now, for stall reports: the first of its files not written yet."""
+        for directory in self.directories:
+            sink = directory.sink
+            left = [f for f in sink.layout.files if sink.mine(f) and f not in sink.sha256]
+            if left:
+                return f"writing {sink.directory / left[0]}"
+        if self.written:
+            return "finishing: its files are written (other writers' reports, fsync, manifest, rename)"
+        return "writing the small files (configs, tokenizer)"
 
 
 def gather(plan: WritePlan, target: Target | None) -> Persist | None:

@@ -9,6 +9,7 @@ publish, clean-up) runs in a background thread on each writer. A failure is rais
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class _Job:
     persist: Persist | None
     timer: PhaseTimer
     blocking_seconds: float | None = None
+    background_since: float = 0.0  # time.monotonic() when its background half started (stall reports)
 
 
 class Saver:
@@ -62,6 +64,7 @@ class Saver:
         self._arena = Arena() if async_save and team.writes else None
         self._group = background_group() if async_save and team.shares_files else None
         self._done: Saved | None = None  # a sync save's result, until `wait` hands it out
+        self._in_flight: _Job | None = None  # the last save started in the background
 
     def claim(self, plan: WritePlan, saved_module: nn.Module, resume_step: int, existing: str) -> RunLock | None:
         """Collective: the publisher's claim on output_dir (the lock, recovery, earlier runs, room for `keep_last + 1`
@@ -80,6 +83,16 @@ class Saver:
     def staging_capacity(self) -> int:
         """Bytes of host memory this rank holds for async snapshots (0 until the first async save)."""
         return self._arena.capacity if self._arena is not None else 0
+
+    @property
+    def activity(self) -> tuple[str, str, float] | None:
+        """Local: the background save running on this rank, for stall reports: (its name, what it is doing,
+        time.monotonic() its background half started); None when none runs."""
+        job = self._in_flight
+        if job is None or self._background is None or not self._background.in_flight:
+            return None
+        doing = job.persist.doing() if job.persist is not None else "waiting for the writers' verdict"
+        return job.name, doing, job.background_since
 
     @property
     def pending(self) -> bool:
@@ -182,6 +195,7 @@ class Saver:
             self._arena.reset(plan.stored_bytes)
         job.persist = self._gather(job, plan, copy=self._arena.copy if self._arena is not None else None)
         job.blocking_seconds = sum(job.timer.seconds.values()) + job.timer.since_lap()
+        job.background_since, self._in_flight = time.monotonic(), job
         self._background.start(lambda: self._persist(job))
 
     def _arena_fits(self, plan: WritePlan) -> bool:

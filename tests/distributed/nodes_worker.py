@@ -27,7 +27,7 @@ import train_worker
 from spies import allow_file_writes, forbid_file_writes
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from open_instruct_ckpt import CheckpointCallback, FullModel, Hook, Upload
+from open_instruct_ckpt import CheckpointCallback, FullModel, Hook, Stalls, Upload
 from open_instruct_ckpt.tiny import TinyTextDataset, llama_tokenizer
 
 SHARD_BYTES = 30000  # the ~96 KB tiny model in 4 files
@@ -95,7 +95,7 @@ def callback(opts: argparse.Namespace) -> CheckpointCallback:
     hook = Hook(["sh", "-c", HOOK, str(opts.out / "hooks.log"), "{url}", "{name}", "{step}"], timeout_s=60) \
         if opts.hook else None
     return CheckpointCallback(FullModel(max_shard_size=SHARD_BYTES), async_save=opts.async_save, writers=opts.writers,
-                              upload=upload, on_published=hook)
+                              upload=upload, on_published=hook, stalls=Stalls(floor_s=60))
 
 
 def main() -> None:
