@@ -48,6 +48,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--hook", action="store_true", help="on_published: a shell command writing <out>/hooks.log")
     parser.add_argument("--sigusr1-rank", type=int, default=None)
     parser.add_argument("--sigusr1-at-step", type=int, default=None)
+    parser.add_argument("--fill-disk-at-step", type=int, default=None, help="node 1's writer fills its disk")
     parser.add_argument("--expect-error", action="store_true")
     opts = parser.parse_args()
     # what train_worker's helpers read
@@ -66,10 +67,25 @@ class Signal(TrainerCallback):
         if not args.should_save and self.opts.writers == "main":
             self.report["rlimit_probe"] = forbid_file_writes(self.opts.out / "reports" / f"probe{dist.get_rank()}")
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.opts.fill_disk_at_step and args.should_save and self.report["node"] == 1:
+            fill(self.opts.disk / ".filler")
+
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.opts.sigusr1_at_step and dist.get_rank() == self.opts.sigusr1_rank:
             os.kill(os.getppid(), signal.SIGUSR1)  # this node's torchrun, which the recipe's `trap '' USR1` keeps alive
             os.kill(os.getpid(), signal.SIGUSR1)  # the other ranks learn of it through the all-reduce
+
+
+def fill(path: Path) -> None:
+    """Write until the disk is full (ENOSPC): a real full disk."""
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(chunk)
+        except OSError:
+            pass
 
 
 class Reference(train_worker.Reference):

@@ -153,12 +153,12 @@ def test_save_on_each_node_on_storage_the_nodes_share_is_refused_before_training
 @pytest.fixture(scope="module")
 def writers_all(tmp_path_factory):
     base = tmp_path_factory.mktemp("writers-all-nodes")
-    run = launch_nodes(base / "out", base / "disk", "--engine", "ddp", "--writers", "all", "--expect-error")
-    print(f"2x2 DDP launch, writers='all' on node-local disks: {run.seconds:.1f} s")
+    run = launch_nodes(base / "out", base / "disk", "--engine", "ddp", "--writers", "all", "--expect-error", nproc=1)
+    print(f"2x1 DDP launch, writers='all' on node-local disks: {run.seconds:.1f} s")
     return run.check_expected_error()
 
 
-def test_writers_all_on_node_local_disks_is_refused_on_every_rank_of_both_nodes(writers_all):
+def test_writers_all_on_node_local_disks_is_refused_on_both_nodes(writers_all):
     for report in writers_all.reports():
         error = report["error"]
         assert "writers='all'" in error and "is not visible on this rank" in error, error
@@ -166,3 +166,22 @@ def test_writers_all_on_node_local_disks_is_refused_on_every_rank_of_both_nodes(
     for node in (0, 1):
         assert entries(writers_all.node_disk(node)) == set()
         assert not [p for p in writers_all.node_disk(node).iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.fixture(scope="module")
+def disk_full(tmp_path_factory):
+    base = tmp_path_factory.mktemp("disk-full-nodes")
+    run = launch_nodes(base / "out", base / "disk", "--engine", "ddp", "--save-on-each-node", "--fill-disk-at-step",
+                       "3", "--expect-error")
+    print(f"2x2 DDP launch, node 1's disk fills after step 3: {run.seconds:.1f} s")
+    return run.check_expected_error()
+
+
+def test_a_full_disk_on_node_1_fails_the_save_on_every_rank_of_both_nodes_and_keeps_the_last_checkpoints(disk_full):
+    for report in disk_full.reports():
+        assert "not enough disk space" in report["error"] and "step_4" in report["error"], report["error"]
+        assert report["rank"] == 2 or "checkpoint save failed on rank 2" in report["error"], report["error"]
+    for node in (0, 1):
+        disk = disk_full.node_disk(node)
+        assert entries(disk) == {"step_2"} and verify_checkpoint(disk / "step_2") == []
+        assert not [p.name for p in disk.iterdir() if p.name.startswith(".tmp-")]  # node 0's staging discarded too
