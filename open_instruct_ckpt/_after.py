@@ -15,6 +15,7 @@ from typing import Any
 
 from . import options
 from ._dist import raise_on_all_ranks
+from ._format.readers import read_manifest
 from ._hooks.command import Published
 from ._hooks.runner import HookRunner
 from ._measure.stalls import Task
@@ -83,8 +84,9 @@ class AfterPublish:
             if left is not None:
                 logger.info("Train end waits for uploads to %s: %s", uploader.remote.url, left)
             uploader.finish(stop_when=stop_when)
-        if self._waiting_for_upload:
-            logger.warning("The on_published hook did not run for %s: not uploaded", ", ".join(self._waiting_for_upload))
+        unhooked = [name for name, c in self._waiting_for_upload.items() if read_manifest(c.path) is not None]
+        if unhooked:  # (the others were pruned locally before their upload: nothing to evaluate)
+            logger.warning("The on_published hook did not run for %s: not uploaded", ", ".join(unhooked))
         if self.hooks is not None and self._hooked:
             left = self.hooks.unfinished()
             if left is not None:

@@ -162,3 +162,15 @@ def test_bad_hooks_are_refused_at_construction(run, error, message):
 def test_bad_hook_limits_are_refused_at_construction(options, message):
     with pytest.raises(ValueError, match=message):
         Hook("true", **options)
+
+
+def test_a_checkpoint_pruned_before_its_hook_s_turn_is_skipped_quietly(tmp_path, tokenizer, llama, caplog):
+    log = tmp_path / "hooked"
+    script = 'if [ "$0" = step_2 ]; then sleep 3; fi; echo "$0" >> "$1"'  # step_4 is pruned (keep_last=1) meanwhile
+    callback = CheckpointCallback(FullModel(), keep_last=1, on_published=Hook(["sh", "-c", script, "{name}", str(log)]))
+    with caplog.at_level(logging.INFO, logger="open_instruct_ckpt"):
+        make_trainer(llama, tokenizer, tmp_path / "out", callback, max_steps=6).train()
+    assert log.read_text().split() == ["step_2", "step_6", "final"]
+    skipped = [r.getMessage() for r in caplog.records if "before its turn" in r.getMessage()]
+    assert len(skipped) == 1 and skipped[0].endswith("is not run for step_4: pruned (keep_last) before its turn")
+    assert not warnings_of(caplog)

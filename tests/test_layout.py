@@ -15,7 +15,7 @@ RULES = {  # folder -> the package's folders and modules it may import (besides 
     "_format": set(),
     "_measure": {"_format"},
     "_upload": {"_format"},
-    "_hooks": set(),
+    "_hooks": {"_format"},
     "_engines": {"_dist"},
     "_when": {"_dist", "_measure", "_format"},
     "_write": {"_engines", "_format", "_measure", "_dist"},

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._format.manifest import MANIFEST_NAME
 from . import command
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,10 @@ class HookRunner:
 
     def _run_one(self, running: Running, stop: threading.Event) -> bool:
         checkpoint = running.checkpoint
+        if checkpoint.url == str(checkpoint.path) and not (checkpoint.path / MANIFEST_NAME).is_file():
+            logger.info("The on_published hook %s is not run for %s: pruned (keep_last) before its turn", self.name,
+                        checkpoint.name)
+            return False
         if self.argv is None:
             try:
                 self.run(checkpoint)
