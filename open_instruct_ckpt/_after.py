@@ -72,8 +72,11 @@ class AfterPublish:
             self.hooks.enqueue(Published(saved.name, saved.step, saved.path, str(saved.path)))
 
     def waiting(self, who: str) -> None:
-        """Local, before training blocks on the background save: say what it waits for."""
-        self.stalls.waiting(who, self._save_task())
+        """Local, before training blocks on the background save: say what it waits for (never raises)."""
+        try:
+            self.stalls.waiting(who, self._save_task())
+        except Exception as exc:  # a report must not stop training
+            logger.debug("could not say what %s waits for: %s", who, exc)
 
     def finish(self, stop_when: Any) -> None:
         """Train end, local: wait (bounded) for the uploads, then for the hooks; say what is waited for and what is
