@@ -15,7 +15,7 @@ from ._format.readers import complete_checkpoints, latest_checkpoint, verify_che
 if TYPE_CHECKING:
     from ._write.generation_config import default_generation_config, olmo_generation_config
     from .callback import CheckpointCallback
-    from .options import AutoInterval, Retry, TrainerInterval, Upload
+    from .options import AutoInterval, Hook, Retry, Stalls, TrainerInterval, Upload
     from .strategies import CheckpointStrategy, FullModel, LoRAAdapter, ModelAttribute
 
 __version__ = "0.1.0"
@@ -26,9 +26,11 @@ __all__ = [
     "CheckpointError",
     "CheckpointStrategy",
     "FullModel",
+    "Hook",
     "LoRAAdapter",
     "ModelAttribute",
     "Retry",
+    "Stalls",
     "TrainerInterval",
     "Upload",
     "complete_checkpoints",
@@ -47,7 +49,9 @@ _LAZY = {
     "default_generation_config": "._write.generation_config",
     "olmo_generation_config": "._write.generation_config",
     "AutoInterval": ".options",
+    "Hook": ".options",
     "Retry": ".options",
+    "Stalls": ".options",
     "TrainerInterval": ".options",
     "Upload": ".options",
 }

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from ._upload.uploader import Uploader
+from ._after import AfterPublish
 from ._when.preemption import PreemptionWatch
 from ._write.lock import RunLock
 from ._write.saver import Saver
 
 
 class Held:
-    """What a run holds between `on_train_begin` and `on_train_end`: signal handlers, the lock, the upload worker,
-    the saver and its background save.
+    """What a run holds between `on_train_begin` and `on_train_end`: signal handlers, the lock, the background work
+    after each publish (upload and hook workers, the stall watch), the saver and its background save.
 
     `TrainerCallback` has no hook for a `train()` that raises, so these are also given back when the next run
     starts, when the callback is garbage-collected, and by `CheckpointCallback.close()`.
     """
 
-    def __init__(self, watch: PreemptionWatch, uploader: Uploader | None) -> None:
-        self.watch, self.uploader = watch, uploader
+    def __init__(self, watch: PreemptionWatch, after: AfterPublish) -> None:
+        self.watch, self.after = watch, after
         self.lock: RunLock | None = None
         self.saver: Saver | None = None
 
@@ -25,8 +25,7 @@ class Held:
         if self.saver is not None:
             self.saver.close()  # a background save publishes under the run lock, never after its release
         self.watch.uninstall()
-        if self.uploader is not None:
-            self.uploader.stop()
+        self.after.release()
         if self.lock is not None:
             self.lock.release()
             self.lock = None

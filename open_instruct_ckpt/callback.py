@@ -13,7 +13,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from . import _engines, _logging, options
-from ._dist import is_distributed, raise_on_all_ranks
+from ._after import AfterPublish
+from ._dist import is_distributed
 from ._format.manifest import FINAL_NAME, step_name
 from ._held import Held
 from ._measure import metrics
@@ -21,6 +22,7 @@ from ._measure.economics import RunEconomics
 from ._when import arguments, policy
 from ._when.preemption import DEFAULT_SIGNALS, PreemptionWatch
 from ._write import generation_config as _generation
+from ._write.nodes import check_one_publisher_per_disk, same_run_everywhere
 from ._write.prepare import check_shared_output_dir
 from ._write.roles import team_for
 from ._write.saver import Saved, Saver
@@ -52,6 +54,9 @@ class CheckpointCallback(TrainerCallback):
             publishing run in the background. At most one save is in flight; its failure is raised on every rank.
         writers: "main" (the Trainer's writer writes every file) or "all" (every rank writes its share of the
             shard files; needs output_dir on a filesystem shared by every rank).
+        on_published: `Hook(run=...)`, or what it takes (a command template with `{path}`, `{step}`, `{name}`,
+            `{url}`, or a callable): run on rank 0 after each publish (after its upload), in order, in the background.
+        stalls: `Stalls(floor_s=60, factor=3, every_s=60)`: when a background save, upload or hook is reported stalled.
     Deprecated keywords (`upload_to`, `upload_storage_options`, `upload_wait_s`, `upload_timeout_s`, `mtbf_hours`,
     `failure_probability`, `save_interval`, `max_save_interval`) still work, with a DeprecationWarning.
     """
@@ -71,6 +76,8 @@ class CheckpointCallback(TrainerCallback):
         upload: options.Upload | None = None,
         async_save: bool = False,
         writers: str = "main",
+        on_published: Any = None,
+        stalls: options.Stalls | None = None,
         **deprecated: Any,
     ) -> None:
         interval, upload = options.from_keywords(interval, upload, deprecated)
@@ -85,7 +92,8 @@ class CheckpointCallback(TrainerCallback):
         self._output_dir = Path(output_dir) if output_dir is not None else None
         self._trainer_checkpoints, self._keep_last, self._existing = trainer_checkpoints, keep_last, existing_checkpoints
         self._interval = interval
-        self._held = Held(PreemptionWatch(preemption_signals), upload.uploader() if upload is not None else None)
+        after = AfterPublish(upload, options.hook_of(on_published), options.stalls_of(stalls))
+        self._held = Held(PreemptionWatch(preemption_signals), after)
         weakref.finalize(self, self._held.release)
         self._policy = policy.SavePolicy(self._held.watch, interval.schedule())
         self._economics = RunEconomics(interval.mtbf_hours, interval.failure_probability)
@@ -122,15 +130,17 @@ class CheckpointCallback(TrainerCallback):
         self.close()
         model: Any = kwargs.get("model")
         self._set_up(args, control, model, kwargs.get("processing_class"))  # every check before the lock is taken
+        self._settings = same_run_everywhere(self._settings)
         self._last, self.preempted = None, False
         team = team_for(args.should_save, self.writers, args.process_index, args.world_size)
         try:
             self._held.saver = saver = Saver(self._settings, team, async_save=self.async_save)
+            check_one_publisher_per_disk(self._settings.output_dir, team)  # save_on_each_node: node-local disks?
             self._held.lock = saver.claim(self.strategy.plan(model), self.strategy.saved_module(model),
                                           state.global_step, self._existing)
             if team.shares_files and is_distributed():
                 check_shared_output_dir(self._settings.output_dir, team)
-            self._open_uploader(args)
+            self._held.after.open(team, self._settings.output_dir, self._settings.keep_last, saver)
         except BaseException:
             self.close()  # on_train_end will not run
             raise
@@ -141,21 +151,12 @@ class CheckpointCallback(TrainerCallback):
         self._economics.start(self._settings.output_dir, self._settings.keep_last, facts)
         self._log.attach(metrics.calling_trainer())
 
-    def _open_uploader(self, args: TrainingArguments) -> None:
-        """Collective: rank 0's start-up probe of the upload target; a failure is raised on every rank."""
-        error = None
-        if self._held.uploader is not None and args.process_index == 0:
-            try:
-                self._held.uploader.open(self._settings.output_dir, self._settings.keep_last)
-            except Exception as exc:
-                error = exc
-        raise_on_all_ranks(error)
-
     def _set_up(self, args: TrainingArguments, control: TrainerControl, model: nn.Module | None,
                 processing_class: Any) -> None:
         _logging.follow_trainer(args)
         arguments.check_world_size(args)
         arguments.check_training_arguments(args, self.keeps_trainer_checkpoints(args), self._held.watch.signals)
+        arguments.check_writers(self.writers, args)
         policy.check_training_arguments(isinstance(self._interval, options.AutoInterval), args)
         tokenizer = arguments.resolve_tokenizer(self._tokenizer, processing_class)
         if model is None:
@@ -196,12 +197,11 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         try:
-            self._wait(args, state, control)
+            self._wait(args, state, control, "Train end")
             if not self.preempted and state.global_step >= state.max_steps:
-                self._upload(self._guarded(lambda: self._save_final(state, kwargs["model"])))
-            if self._held.uploader is not None:
-                self._held.uploader.finish(stop_when=self._held.watch.unanswered)
-            if args.should_save:
+                self._held.after.published(self._guarded(lambda: self._save_final(state, kwargs["model"])))
+            self._held.after.finish(stop_when=self._held.watch.unanswered)
+            if args.process_index == 0:  # the run record: global rank 0 only, also with save_on_each_node
                 self._finish_economics(args, state)
         finally:
             self.close()
@@ -209,7 +209,7 @@ class CheckpointCallback(TrainerCallback):
 
     def _save_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module):
         started = time.perf_counter()
-        self._wait(args, state, control)  # at most one save in flight
+        self._wait(args, state, control, f"The save of step {state.global_step}")  # at most one save in flight
         saver = self._held.saver
         assert saver is not None
         step = state.global_step
@@ -222,10 +222,12 @@ class CheckpointCallback(TrainerCallback):
         if not self.keeps_trainer_checkpoints(args):
             control.should_save = False
 
-    def _wait(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+    def _wait(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+              who: str = "Training") -> None:
         """Collective: take the result of the save in flight (if any); its failure is raised on every rank."""
         saver = self._held.saver
         if saver is not None and saver.pending:
+            self._held.after.waiting(who)
             self._guarded(lambda: self._handle(saver.wait(), args, state, control))
 
     def _handle(self, saved: Saved | None, args: TrainingArguments, state: TrainerState,
@@ -236,9 +238,9 @@ class CheckpointCallback(TrainerCallback):
         if saved is None:
             return
         self._last = saved
-        self._upload(saved)
+        self._held.after.published(saved)
         proposal = None
-        if saved.stats is not None:
+        if saved.stats is not None and args.process_index == 0:  # rank 0 measures and records for every node
             try:
                 self._log.emit(saved.stats.metrics(), state, control)
                 interval = self._policy.schedule.current_interval(args, state)
@@ -253,7 +255,7 @@ class CheckpointCallback(TrainerCallback):
                              model: nn.Module) -> TrainerControl:
         if not self._saved_at(state.global_step):
             self._save_step(args, state, control, model)
-        self._wait(args, state, control)  # stopping: this step's save must be published first
+        self._wait(args, state, control, "The preemption stop")  # this step's save must be published first
         self.preempted = True
         control.should_training_stop = True
         control.should_save = self.keeps_trainer_checkpoints(args)
@@ -275,12 +277,6 @@ class CheckpointCallback(TrainerCallback):
             self._economics.finish(state.max_steps, self._policy.schedule.current_interval(args, state))
         except Exception as exc:
             logger.warning("Checkpoints are saved, but the train-end advice failed (%s: %s)", type(exc).__name__, exc)
-
-    def _upload(self, saved: Saved | None) -> None:
-        """Queue a checkpoint just published on this rank, when this rank uploads (rank 0 with an upload)."""
-        uploader = self._held.uploader
-        if saved is not None and saved.path is not None and uploader is not None and uploader.is_open:
-            uploader.enqueue(saved.path)
 
     def _guarded(self, work: Any) -> Any:
         """Run `work`; if it raises, give back what the run holds (train() ends with the error: no on_train_end)."""

@@ -5,6 +5,8 @@
 - `AutoInterval`: save every N steps, N re-chosen after each save from measured costs and exactly one
   failure rate, never above `max_steps` (the Trainer's `save_steps` unless given).
 - `Upload`: where published checkpoints are copied in the background, and how patiently.
+- `Hook`: what runs after each publish (after its upload, with uploads), e.g. an evaluation.
+- `Stalls`: when background work (a save, an upload, a hook) is reported as stalled.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._hooks import command as _command
+from ._hooks.runner import HookRunner
+from ._measure.stalls import StallWatch
 from ._upload import targets
 from ._upload.uploader import Retry, Uploader
 from ._when.policy import AutoSchedule, Schedule, TrainerSchedule
@@ -97,7 +103,9 @@ class Upload:
 
     `storage_options` go to fsspec; train end waits at most `wait_s` for the queue (None: as long as it takes);
     every remote call on the training path (the start-up probe, train end's wait) gives up after `timeout_s`
-    without an answer; `retry` says how often a failed checkpoint is tried again.
+    without an answer; `retry` says how often a failed checkpoint is tried again. Rank 0 uploads; with
+    `{node}` in `to` (e.g. "s3://bucket/run/node{node}") each node's publisher (save_on_each_node=True) uploads
+    its own copy there, `{node}` being 0, 1, ... in rank order.
     """
 
     to: str | os.PathLike
@@ -114,13 +122,85 @@ class Upload:
             raise ValueError(f"Upload(timeout_s={self.timeout_s!r}) must be a positive number of seconds, e.g. 60")
         if not isinstance(self.retry, Retry):
             raise TypeError(f"Upload(retry={self.retry!r}) must be a Retry(tries=..., first_delay_s=..., max_delay_s=...)")
-        targets.check(self.to, self.storage_options)
+        targets.check(self.url(0) if isinstance(self.to, (str, os.PathLike)) else self.to, self.storage_options)
 
-    def uploader(self) -> Uploader:
-        return Uploader(targets.make(self.to, self.storage_options), self.wait_s, self.timeout_s, self.retry)
+    @property
+    def per_node(self) -> bool:
+        return isinstance(self.to, (str, os.PathLike)) and NODE_FIELD in os.fspath(self.to)
+
+    def url(self, node: int | None) -> str:
+        return os.fspath(self.to).replace(NODE_FIELD, str(node or 0))
+
+    def uploader(self, node: int | None = None) -> Uploader:
+        return Uploader(targets.make(self.url(node), self.storage_options), self.wait_s, self.timeout_s, self.retry)
 
 
-__all__ = ["AutoInterval", "Interval", "Retry", "TrainerInterval", "Upload"]
+NODE_FIELD = "{node}"
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Run after each checkpoint is published (after its upload, with `upload=`), in order, in one background thread
+    on rank 0. It never stops training: failures are logged with the command's output tail.
+
+    `run`: a command, as a string split into arguments like a shell line (no shell runs it) or a list of arguments,
+    in which `{path}`, `{step}`, `{name}` and `{url}` (the uploaded copy; else the path) are replaced; or a callable
+    taking the published checkpoint (`.name`, `.step`, `.path`, `.url`). `timeout_s` stops one run of a command
+    (None: no limit); train end waits at most `wait_s` for hooks running or queued, then stops them and names them.
+    """
+
+    run: str | Sequence[str] | Callable[[Any], Any]
+    timeout_s: float | None = None
+    wait_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _command.arguments(self.run)
+        if self.timeout_s is not None and not _positive_finite(self.timeout_s):
+            raise ValueError(f"Hook(timeout_s={self.timeout_s!r}) must be a positive number of seconds, or None")
+        if not _positive_finite(self.wait_s):
+            raise ValueError(f"Hook(wait_s={self.wait_s!r}) must be a positive number of seconds: train end waits "
+                             "that long at most for hooks, e.g. 600")
+
+    def runner(self) -> HookRunner:
+        return HookRunner(self.run, _command.arguments(self.run), self.timeout_s, self.wait_s)
+
+
+def hook_of(on_published: Any) -> Hook | None:
+    """`on_published` as a Hook: a Hook, None, or what `Hook(run=...)` takes."""
+    if on_published is None or isinstance(on_published, Hook):
+        return on_published
+    return Hook(on_published)
+
+
+@dataclass(frozen=True)
+class Stalls:
+    """Background work (a save, an upload, a hook) is reported as stalled once it runs `factor` times as long as the
+    last one of its kind, and at least `floor_s`; the report names the file, endpoint or command it is on, and is
+    repeated every `every_s` while it lasts."""
+
+    floor_s: float = 60.0
+    factor: float = 3.0
+    every_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("floor_s", "factor", "every_s"):
+            if not _positive_finite(getattr(self, name)):
+                raise ValueError(f"Stalls({name}={getattr(self, name)!r}) must be a positive, finite number")
+
+    def watch(self) -> StallWatch:
+        return StallWatch(self.floor_s, self.factor, self.every_s)
+
+
+def stalls_of(stalls: Any) -> Stalls:
+    if stalls is None:
+        return Stalls()
+    if not isinstance(stalls, Stalls):
+        raise TypeError(f"stalls={stalls!r} must be a Stalls(floor_s=..., factor=..., every_s=...), or None for the "
+                        "defaults")
+    return stalls
+
+
+__all__ = ["AutoInterval", "Hook", "Interval", "Retry", "Stalls", "TrainerInterval", "Upload"]
 
 _DEPRECATED_UPLOAD = {"upload_to": "to", "upload_storage_options": "storage_options", "upload_wait_s": "wait_s",
                       "upload_timeout_s": "timeout_s"}

@@ -58,7 +58,7 @@ def test_public_names_still_resolve_lazily():
     code = ("import sys, open_instruct_ckpt as p; assert 'torch' not in sys.modules; "
             "names = [getattr(p, n).__name__ for n in p.__all__]; print('torch' in sys.modules, len(names))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["True", "15"]
+    assert done.stdout.split() == ["True", "17"]
 
 
 def test_help_documents_commands_and_exit_codes():

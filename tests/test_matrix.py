@@ -24,8 +24,10 @@ from open_instruct_ckpt import (
     AutoInterval,
     CheckpointCallback,
     FullModel,
+    Hook,
     LoRAAdapter,
     ModelAttribute,
+    Stalls,
     Upload,
     verify_checkpoint,
 )
@@ -44,6 +46,7 @@ FACTORS: dict[str, list] = {
     "preempt": [False, True],
     "save_strategy": ["steps", "epoch"],
     "two_callbacks": [False, True],
+    "hook": [False, True],  # on_published (a shell command logging each name) and Stalls
 }
 SCHEDULED = [2, 4, 6]  # steps: save_steps=2, max_steps=6; epoch: 2 steps an epoch, 3 epochs
 PREEMPT_AT = 3
@@ -101,6 +104,9 @@ def callbacks(row: dict, built: Built, tmp_path: Path) -> list[CheckpointCallbac
             options.update(interval=AutoInterval(mtbf_hours=1e6))  # the optimum is capped at save_steps
         if row["upload"]:
             options.update(upload=Upload(to=str(tmp_path / f"remote{index}")))
+        if row["hook"]:
+            log = str(tmp_path / f"hooked{index}")
+            options.update(on_published=Hook(["sh", "-c", 'echo "$0" >> "$1"', "{name}", log]), stalls=Stalls(floor_s=30))
         made.append(CheckpointCallback(strategy, **options))
     return made
 
@@ -174,6 +180,12 @@ def test_options_meet(row, tmp_path, caplog, request):
             remote = tmp_path / f"remote{index}"
             assert entries(remote) == expected_names(row)
             assert all(verify_checkpoint(remote / name) == [] for name in expected_names(row))
+        if row["hook"]:  # every publish in order; with an upload, those uploaded (one pruned before its turn is not)
+            published = [f"step_{s}" for s in SCHEDULED if not row["preempt"] or s < PREEMPT_AT]
+            published += [f"step_{PREEMPT_AT}"] if row["preempt"] else ["final"]
+            hooked = (tmp_path / f"hooked{index}").read_text().split()
+            assert hooked == (published if not row["upload"] else [n for n in published if n in hooked]), hooked
+            assert hooked[-1] == published[-1]
     unexpected = [r.getMessage() for r in caplog.records if r.name.startswith("open_instruct_ckpt")
                   and r.levelno >= logging.WARNING and not r.getMessage().startswith(EXPECTED_WARNINGS)]
     assert unexpected == []

@@ -73,6 +73,8 @@ class Uploader:
         self._failed: dict[str, tuple[Path, str]] = {}
         self._busy = False  # the worker has a checkpoint (uploading it, pruning after it, or waiting to retry)
         self._current: str | None = None  # the checkpoint it is uploading
+        self._since = 0.0  # time.monotonic() when the worker took its checkpoint (stall reports)
+        self.on_uploaded: Callable[[str], None] | None = None  # called by the worker with each uploaded name
         self._activity: Activity | None = None  # its remote operation in flight
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,6 +89,17 @@ class Uploader:
     def activity(self) -> Activity | None:
         """The worker's remote operation in flight, or None: what a stalled upload waits for, and how long."""
         return self._activity
+
+    @property
+    def current(self) -> tuple[str, float] | None:
+        """The checkpoint the worker is uploading, and time.monotonic() when it took it; None when idle."""
+        with self._cond:
+            return (self._current, self._since) if self._current is not None else None
+
+    def waiting_for(self) -> str | None:
+        """What train end would wait for (the checkpoint in progress, with its operation, then the queue)."""
+        with self._cond:
+            return self._unfinished() if self._pending or self._busy else None
 
     def open(self, output_dir: Path, keep_last: int | None) -> None:
         """on_train_begin, writer: check the target is writable (raises CheckpointError naming the fix)."""
@@ -189,7 +202,7 @@ class Uploader:
                 if stop.is_set():
                     return
                 name, path = self._pending.popitem(last=False)
-                self._busy, self._current = True, name
+                self._busy, self._current, self._since = True, name, time.monotonic()
             try:
                 self._upload_with_retries(Job(name, path, stop, lambda doing: self._update(stop, _activity=doing)))
             except BaseException as exc:  # never let the worker die silently
@@ -235,7 +248,17 @@ class Uploader:
         with self._cond:
             self._failed.pop(job.name, None)
         self._update(job.stop, _current=None)
+        self._tell_uploaded(job)
         self._prune_remote(job)
+
+    def _tell_uploaded(self, job: Job) -> None:
+        """`on_uploaded(name)` (the hooks' queue); a failure there is logged, never raised."""
+        if self.on_uploaded is None or job.stop.is_set():
+            return
+        try:
+            self.on_uploaded(job.name)
+        except Exception as exc:
+            logger.warning("After uploading %s: on_uploaded failed (%s: %s)", job.name, type(exc).__name__, exc)
 
     def _fail(self, name: str, path: Path, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"

@@ -73,6 +73,18 @@ def check_training_arguments(args: TrainingArguments, keeps_trainer: bool, signa
         )
 
 
+
+def check_writers(writers: str, args: TrainingArguments) -> None:
+    """writers="all" shares one checkpoint among all ranks on one filesystem; save_on_each_node=True writes a whole
+    copy on each node's own disk. Refused together, whatever the world size, so a script fails on one machine."""
+    if writers == "all" and args.save_on_each_node:
+        raise ValueError(
+            "writers='all' (every rank writes its share of one checkpoint, on storage shared by all ranks) cannot go "
+            "with save_on_each_node=True (each node's local rank 0 writes a whole copy on that node's own disk): use "
+            "writers='main' with save_on_each_node=True for node-local disks, or save_on_each_node=False with "
+            "writers='all' for shared storage"
+        )
+
 def resolve_tokenizer(tokenizer: Any, processing_class: Any) -> Any:
     chosen = tokenizer if tokenizer is not None else getattr(processing_class, "tokenizer", processing_class)
     if chosen is None:

@@ -76,6 +76,7 @@ class Persist:
 
     def __init__(self, directories: list[_Directory], target: Target) -> None:
         self.directories, self.target = directories, target
+        self.written = False  # every file is written (read by stall reports, from another thread)
 
     def __call__(self) -> WriteReport:
         report = WriteReport()
@@ -86,7 +87,19 @@ class Persist:
         except BaseException:
             self.abort()
             raise
+        self.written = True
         return report
+
+    def doing(self) -> str:
+        """What this writer is on now, for stall reports: the first of its files not written yet."""
+        for directory in self.directories:
+            sink = directory.sink
+            left = [f for f in sink.layout.files if sink.mine(f) and f not in sink.digests]
+            if left:
+                return f"writing {sink.directory / left[0]}"
+        if self.written:
+            return "finishing: its files are written (other writers' reports, fsync, manifest, rename)"
+        return "writing the small files (configs, tokenizer)"
 
     def abort(self) -> None:
         for directory in self.directories:

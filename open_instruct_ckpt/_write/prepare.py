@@ -25,7 +25,8 @@ from .settings import SaveSettings
 
 SMALL_FILES_MARGIN = 256 * 1024  # beyond the measured small files: safetensors headers, the manifest
 SHARED_FIX = ("writers='all' needs output_dir on a filesystem shared by every rank and writable from each; "
-              "use writers='main' (rank 0 writes every file)")
+              "use writers='main' (rank 0 writes every file; on node-local disks add save_on_each_node=True for a "
+              "copy on each node)")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,11 @@ def prepare(settings: SaveSettings, team: Team, plan: WritePlan, name: str, gene
             staged = _prepare(settings, plan, name, generation_module, small_files_bytes)
         except Exception as exc:
             error = explained(exc, settings.output_dir / name)
-    raise_on_all_ranks(error)
+    try:
+        raise_on_all_ranks(error)
+    except BaseException:  # another node's publisher failed (save_on_each_node): this one's staging goes too
+        files.discard(staged.directory if staged is not None else None)
+        raise
     if not team.shares_files:
         return staged
     directory = Path(from_rank_zero(str(staged.directory) if staged is not None else ""))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .plan import Layout
+from .plan import Layout, WritePlan
 from .shards import files_of_rank
 
 
@@ -46,6 +46,17 @@ class Team:
     def owned(self, layout: Layout) -> set[str] | None:
         """The files of `layout` this rank writes; None for all of them."""
         return files_of_rank(layout, self.rank, self.world_size) if self.shares_files else None
+
+    def share_bytes(self, plan: WritePlan) -> int:
+        """Bytes of the files of `plan` this rank writes (all of them for a publisher with writers="main")."""
+        if not self.writes:
+            return 0
+        total = 0
+        for _, sub in plan.walk():
+            layout, owned = sub.weights.layout, self.owned(sub.weights.layout)
+            total += layout.bytes_of([n for f, names in layout.files.items() if owned is None or f in owned
+                                      for n in names])
+        return total
 
 
 def team_for(should_save: bool, writers: str, rank: int = 0, world_size: int = 1) -> Team:

@@ -9,6 +9,7 @@ publish, clean-up) runs in a background thread on each writer. A failure is rais
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class _Job:
     persist: Persist | None
     timer: PhaseTimer
     blocking_seconds: float | None = None
+    background_since: float = 0.0  # time.monotonic() when its background half started (stall reports)
 
 
 class Saver:
@@ -65,6 +67,7 @@ class Saver:
             self._group = background_group()
             self._publishers = [rank for rank, publishes in enumerate(gather_to_all(team.publishes)) if publishes]
         self._done: Saved | None = None  # a sync save's result, until `wait` hands it out
+        self._in_flight: _Job | None = None  # the last save started in the background
 
     def claim(self, plan: WritePlan, saved_module: nn.Module, resume_step: int, existing: str) -> RunLock | None:
         """Collective: the publisher's claim on output_dir (the lock, recovery, earlier runs, room for `keep_last + 1`
@@ -90,6 +93,16 @@ class Saver:
         return self._arena is not None and self._arena.pinned
 
     @property
+    def activity(self) -> tuple[str, str, float] | None:
+        """Local: the background save running on this rank, for stall reports: (its name, what it is doing,
+        time.monotonic() its background half started); None when none runs."""
+        job = self._in_flight
+        if job is None or self._background is None or not self._background.in_flight:
+            return None
+        doing = job.persist.doing() if job.persist is not None else "gathering the shards module by module"
+        return job.name, doing, job.background_since
+
+    @property
     def pending(self) -> bool:
         """A save was started and its result not yet taken (same on every rank)."""
         return self._done is not None or (self._background is not None and self._background.pending)
@@ -108,7 +121,7 @@ class Saver:
         job = _Job(name, step, repr(strategy), staged, None, timer)
         if background and self._background is not None:
             sharded = self._group is not None and not any_rank(not snapshot.shardable(plan))
-            needed = snapshot.arena_bytes(plan, self.team.writes) if sharded else self._share_bytes(plan)
+            needed = snapshot.arena_bytes(plan, self.team.writes) if sharded else self.team.share_bytes(plan)
             if self._arena_fits(needed):
                 self._snapshot(job, plan, sharded, needed)
                 return
@@ -195,10 +208,12 @@ class Saver:
         if sharded:
             kept = snapshot.take(plan, self._arena, self.team.writes)
             job.blocking_seconds = sum(job.timer.seconds.values()) + job.timer.since_lap()
+            job.background_since, self._in_flight = time.monotonic(), job
             self._background.start(lambda: self._gather_then_persist(job, plan, kept))
             return
         job.persist = self._gather(job, plan, copy=self._arena.copy if self.team.writes else None)
         job.blocking_seconds = sum(job.timer.seconds.values()) + job.timer.since_lap()
+        job.background_since, self._in_flight = time.monotonic(), job
         self._background.start(lambda: self._persist(job))
 
     def _gather_then_persist(self, job: _Job, plan: WritePlan, kept: snapshot.Snapshot) -> tuple[Saved, Any]:
@@ -211,17 +226,6 @@ class Saver:
             job.persist = None
             return self._persist(job, explained(exc, self.settings.output_dir / job.name))
         return self._persist(job)
-
-    def _share_bytes(self, plan: WritePlan) -> int:
-        """Bytes of the files this rank writes (all of them for the publisher with writers="main")."""
-        if not self.team.writes:
-            return 0
-        total = 0
-        for _, sub in plan.walk():
-            layout, owned = sub.weights.layout, self.team.owned(sub.weights.layout)
-            total += layout.bytes_of([n for f, names in layout.files.items() if owned is None or f in owned
-                                      for n in names])
-        return total
 
     def _arena_fits(self, needed: int) -> bool:
         """Collective: whether every rank's host memory holds its arena; else this save runs sync (warned)."""
