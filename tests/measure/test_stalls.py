@@ -137,7 +137,7 @@ class StoppableS3:
 
 @pytest.fixture
 def s3():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "distributed"))
     from launch import free_port
 
     server = StoppableS3(free_port())
