@@ -23,6 +23,8 @@ def parse(description: str, modes: tuple[str, ...]) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--shard", default="50MB", help="max_shard_size of the sharded mode")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="measure the first save of the process (with the engine's one-time allocations)")
     parser.add_argument("--mode", choices=modes, help=argparse.SUPPRESS)  # set when launched under torchrun
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -59,20 +61,25 @@ def measure(opts: argparse.Namespace, model, compare: Callable[[object, Path | N
 
     rank = dist.get_rank()
     weights = pretrained_weights(model, opts.shard)
-    directory = Path(tempfile.mkdtemp(dir=opts.out)) if rank == 0 else None
+    settings = SaveSettings(llama_tokenizer(), None, Path(opts.out) / "ours", keep_last=None)
+    saver = Saver(settings, team_for(rank == 0, "main", rank, dist.get_world_size()))
+    shard = opts.shard if opts.mode == "sharded" else None
+
+    def save(step: int):
+        if opts.mode in ("sharded", "unsharded"):
+            return saver.save(model, f"step_{step}", step, FullModel(max_shard_size=shard))
+        directory = Path(tempfile.mkdtemp(dir=opts.out)) if rank == 0 else None
+        compare(model, directory)
+        return directory
+
+    if opts.warmup:  # the engine's first collectives allocate what every later one reuses: not a save's cost
+        save(0)
     dist.barrier()
     rss_before, peak_reset = memory_kib("VmRSS"), reset_peak()
     started = time.perf_counter()
-    held = None
-    if opts.mode in ("sharded", "unsharded"):
-        shard = opts.shard if opts.mode == "sharded" else None
-        settings = SaveSettings(llama_tokenizer(), None, Path(opts.out) / "ours", keep_last=None)
-        saved = Saver(settings, team_for(rank == 0, "main", rank, dist.get_world_size())).save(
-            model, "step_1", 1, FullModel(max_shard_size=shard))
-        held = saved.stats.peak_held_bytes if saved.stats is not None else None
-        directory = saved.path
-    else:
-        compare(model, directory)
+    result = save(1)
+    held = result.stats.peak_held_bytes if getattr(result, "stats", None) is not None else None
+    directory = getattr(result, "path", result)
     seconds = time.perf_counter() - started
     if directory is not None:
         result = {
@@ -102,7 +109,7 @@ def launch_two(script: str, flags: list[str], result: Path, env: dict[str, str])
 
 def launch(script: str, mode: str, opts: argparse.Namespace, out: Path, env: dict[str, str]) -> dict:
     flags = ["--mode", mode, "--out", str(out), "--hidden", str(opts.hidden), "--layers", str(opts.layers),
-             "--shard", opts.shard]
+             "--shard", opts.shard, *([] if opts.warmup else ["--no-warmup"])]
     return launch_two(script, flags, out / f"{mode}.json", env)
 
 
