@@ -12,7 +12,6 @@ no GPU memory kept), then, for a bf16 Llama of about 1 GB on the GPU (fsync ever
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -25,13 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-
-
-def fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def best(action, repeats: int) -> float:
@@ -62,6 +55,8 @@ def main() -> None:
 
 
 def measure(opts: argparse.Namespace) -> None:
+    from save_speed import fsync_tree
+
     from open_instruct_ckpt import FullModel
     from open_instruct_ckpt._write.roles import SOLO
     from open_instruct_ckpt._write.saver import Saver, save_once

@@ -12,12 +12,8 @@ Ranks that do not save run with RLIMIT_FSIZE=0 from on_train_begin. Exit status 
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
 import os
 import signal
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -137,16 +133,8 @@ def main() -> None:
     if trainer is not None:
         found = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointCallback))
         report.update(preempted=found.preempted, stopped_at=trainer.state.global_step)
-    (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    if error is not None and not opts.expect_error:
-        raise error
     del trainer
-    gc.collect()
-    if opts.expect_error:  # torchrun stops the other ranks when one exits non-zero: every report first
-        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
-    dist.destroy_process_group()
-    if opts.expect_error:
-        sys.exit(train_worker.EXPECTED_ERROR if error is not None else train_worker.UNEXPECTED_SUCCESS)
+    train_worker.end_launch(opts.out / "reports" / f"rank{rank}.json", report, error, opts.expect_error)
 
 
 if __name__ == "__main__":

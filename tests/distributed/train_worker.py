@@ -358,17 +358,23 @@ def main() -> None:
         report.update(wrapped=type(trainer.model_wrapped).__name__, preempted=callback.preempted,
                       stopped_at=trainer.state.global_step,
                       staging_capacity=callback.saver.staging_capacity if callback.saver is not None else 0)
-    (opts.out / "reports" / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    if error is not None and not opts.expect_error:
+    del trainer  # the DDP reducer holds the process group: freed before the group is torn down
+    end_launch(opts.out / "reports" / f"rank{rank}.json", report, error, opts.expect_error)
+
+
+def end_launch(report_file: Path, report: dict, error: BaseException | None, expect_error: bool) -> None:
+    """Write this rank's report, then end as the test expects: an unexpected error is re-raised (non-zero exit);
+    with `expect_error`, every rank's report is written before any exits, then EXPECTED_ERROR (or
+    UNEXPECTED_SUCCESS). The caller drops its Trainer first, or the group can be torn down at interpreter exit,
+    where gloo once aborted ("terminate called without an active exception")."""
+    report_file.write_text(json.dumps(report, indent=1))
+    if error is not None and not expect_error:
         raise error
-    # The DDP reducer holds the process group: free it first, or the group can be torn down at
-    # interpreter exit instead, where gloo once aborted ("terminate called without an active exception").
-    del trainer
     gc.collect()
-    if opts.expect_error:  # torchrun stops the other rank when one exits non-zero: both reports first
+    if expect_error:  # torchrun stops the other ranks when one exits non-zero: every report first
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
     dist.destroy_process_group()
-    if opts.expect_error:
+    if expect_error:
         sys.exit(EXPECTED_ERROR if error is not None else UNEXPECTED_SUCCESS)
 
 
