@@ -41,3 +41,25 @@ def test_truncated_safetensors_header(checkpoint):
     problems = verify_checkpoint(checkpoint)
     assert problems[0].startswith("model.safetensors: size 40 bytes, manifest says")
     assert problems[1].startswith("model.safetensors: truncated safetensors header (")
+
+
+def test_format_1_checkpoints_with_sha256_still_verify_and_count(checkpoint):
+    """Format /2 records blake3; a checkpoint of format /1 (sha256) is still complete and checked byte for byte."""
+    import hashlib
+    import json
+
+    from open_instruct_ckpt import latest_checkpoint
+
+    manifest_path = checkpoint / "checkpoint.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["format"] == "open_instruct_ckpt/2" and all("blake3" in e for e in manifest["files"].values())
+    manifest["format"] = "open_instruct_ckpt/1"
+    for name, entry in manifest["files"].items():
+        entry["sha256"] = hashlib.sha256((checkpoint / name).read_bytes()).hexdigest()
+        del entry["blake3"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert verify_checkpoint(checkpoint) == [] and latest_checkpoint(checkpoint.parent) == checkpoint
+    data = bytearray((checkpoint / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (checkpoint / "model.safetensors").write_bytes(bytes(data))
+    assert verify_checkpoint(checkpoint) == ["model.safetensors: sha256 mismatch"]
