@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from _peak_memory import back_free_memory
 from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter
 from open_instruct_ckpt._write.prepare import measure_small_files
 from open_instruct_ckpt._write.roles import SOLO
@@ -73,11 +74,13 @@ def raw_write(payload: memoryview, target: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def best(action, root: Path, repeats: int) -> float:
-    """The best of `repeats` timed runs, after one untimed warm-up run (first-call costs: imports, page faults)."""
+def best(action, root: Path, repeats: int, nbytes: int = 0) -> float:
+    """The best of `repeats` timed runs, after one untimed warm-up run (first-call costs: imports, page faults);
+    each run starts on backed memory for three times `nbytes` (the bytes it writes; see `back_free_memory`)."""
     times = []
     for attempt in range(repeats + 1):
         target = Path(tempfile.mkdtemp(dir=root))
+        back_free_memory(3 * nbytes)
         started = time.perf_counter()
         action(target)
         if attempt:
@@ -188,11 +191,11 @@ def callback_cost(tokenizer, root: Path, steps: int = 40) -> tuple[float, float]
     return sorted(spent)[len(spent) // 2], seconds / steps
 
 
-def lora_vs_full(tokenizer, model, root: Path, repeats: int) -> tuple[float, float]:
+def lora_vs_full(tokenizer, model, root: Path, repeats: int, model_bytes: int) -> tuple[float, float]:
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    lora_s = best(lambda t: ours(LoRAAdapter(), lora, tokenizer, t), root, repeats)
+    lora_s = best(lambda t: ours(LoRAAdapter(), lora, tokenizer, t), root, repeats, model_bytes)
     byte_ratio = LoRAAdapter().plan(lora).stored_bytes / FullModel().plan(model).stored_bytes
     lora.unload()
     return lora_s, byte_ratio
@@ -212,14 +215,14 @@ def main() -> None:
     model_bytes = FullModel().plan(model).stored_bytes
     payload = memoryview(bytearray(os.urandom(1024)) * (model_bytes // 1024))
     r = args.repeats
-    sync_s = best(lambda t: ours(FullModel(), model, tokenizer, t), root, r)
-    raw_s = best(lambda t: raw_write(payload, t), root, r)
-    hf_s = best(lambda t: save_pretrained(model, tokenizer, t), root, r)
-    pt_s = best(lambda t: torch_save(model, t), root, r)
+    sync_s = best(lambda t: ours(FullModel(), model, tokenizer, t), root, r, model_bytes)
+    raw_s = best(lambda t: raw_write(payload, t), root, r, model_bytes)
+    hf_s = best(lambda t: save_pretrained(model, tokenizer, t), root, r, model_bytes)
+    pt_s = best(lambda t: torch_save(model, t), root, r, model_bytes)
     blocked_s, background_s = async_blocked(model, tokenizer, root, r)
     copy_s = memory_copy(model, r)
     throughput, saving_s = throughput_while_saving(tokenizer, model, root)
-    lora_s, byte_ratio = lora_vs_full(tokenizer, model, root, r)
+    lora_s, byte_ratio = lora_vs_full(tokenizer, model, root, r, model_bytes)
     per_step, step_s = callback_cost(llama_tokenizer(), root)
     shutil.rmtree(root, ignore_errors=True)
     print(f"model {model_bytes / 1e6:.0f} MB fp32, best of {r}, dir {args.dir}, {os.cpu_count()} cores\n")

@@ -53,10 +53,12 @@ def baseline(engine: str, model, directory: Path | None) -> None:
         zero3_peak_memory.gather_all_and_write(model, directory)
 
 
-def timed_peak(action) -> tuple[float, int]:
-    """Collective: (seconds, rank's VmHWM rise over its RSS before) of `action()`, between barriers."""
+def timed_peak(action, prefault: int) -> tuple[float, int]:
+    """Collective: (seconds, rank's VmHWM rise over its RSS before) of `action()`, between barriers, on memory
+    backed for `prefault` bytes (see `_peak_memory.back_free_memory`)."""
     import torch.distributed as dist
 
+    _peak_memory.back_free_memory(prefault)
     dist.barrier()
     before = _peak_memory.memory_kib("VmRSS")
     _peak_memory.reset_peak()
@@ -90,8 +92,9 @@ def worker(opts: argparse.Namespace) -> None:
     settings = SaveSettings(llama_tokenizer(), None, root / "ckpt", keep_last=1)
     sync = Saver(settings, team)
     result: dict = {"model_bytes": pretrained_weights(model, None).stored_bytes, "layers": opts.layers}
+    prefault = result["model_bytes"] * (3 if writer else 1)  # the writer's page cache and gathers; a share elsewhere
     sync.save(model, "step_0", 0, FullModel())  # warm-up: first collectives, first writes, lazy imports
-    result["sync_s"], result["sync_peak"] = timed_peak(lambda: sync.save(model, "step_1", 1, FullModel()))
+    result["sync_s"], result["sync_peak"] = timed_peak(lambda: sync.save(model, "step_1", 1, FullModel()), prefault)
     asynchronous = Saver(settings, team, async_save=True)
     asynchronous.start(model, "step_2", 2, FullModel())
     asynchronous.wait()
@@ -103,10 +106,10 @@ def worker(opts: argparse.Namespace) -> None:
         blocked.append(time.perf_counter() - started)
         asynchronous.wait()
 
-    result["async_s"], result["async_peak"] = timed_peak(async_save)
+    result["async_s"], result["async_peak"] = timed_peak(async_save, prefault)
     result["blocked_s"], result["arena_bytes"] = blocked[0], asynchronous.staging_capacity
     directory = Path(tempfile.mkdtemp(dir=root)) if writer else None
-    result["base_s"], result["base_peak"] = timed_peak(lambda: baseline(opts.engine, model, directory))
+    result["base_s"], result["base_peak"] = timed_peak(lambda: baseline(opts.engine, model, directory), prefault)
     if writer:
         (root / "result.json").write_text(json.dumps(result))
     dist.barrier()
