@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from _peak_memory import back_free_memory
 from transformers import Trainer, TrainingArguments
 
-from _peak_memory import back_free_memory
 from open_instruct_ckpt import CheckpointCallback, FullModel, LoRAAdapter
 from open_instruct_ckpt._write.prepare import measure_small_files
 from open_instruct_ckpt._write.roles import SOLO

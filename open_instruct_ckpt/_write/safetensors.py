@@ -33,6 +33,7 @@ from . import progress as _progress
 DTYPE_NAMES = {dtype: name for name, dtype in _TYPES.items()}
 _CHUNK = 64 * 1024 * 1024
 _MIN_WRITEBACK = 1024 * 1024  # smaller writes (headers, norms) are left to fsync
+_HASH_QUEUE = 2  # chunks written but not yet hashed, beyond the one being hashed: what the digest keeps alive
 Planned = tuple[torch.dtype, tuple[int, ...]]  # what the header promises for one tensor
 
 
@@ -88,7 +89,8 @@ class FileStream:
         self._order = list(planned)
         self._next = 0
         self._digest = digest.new()
-        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: queue.Queue = queue.Queue(maxsize=_HASH_QUEUE)
+        self._hash_error: BaseException | None = None
         self._hasher = threading.Thread(target=self._hash, name="open_instruct_ckpt-hash", daemon=True)
         self._hasher.start()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -120,6 +122,8 @@ class FileStream:
             os.fsync(self._fd)
         finally:
             self._finish()
+        if self._hash_error is not None:
+            raise RuntimeError(f"{self.path.name}: computing its digest failed") from self._hash_error
         return self._digest.hexdigest()
 
     def abort(self) -> None:
@@ -143,8 +147,13 @@ class FileStream:
         self._hasher.join()
 
     def _hash(self) -> None:
+        """Drains the queue to the end even after a failure, so the writer never blocks on a full queue."""
         while (chunk := self._pending.get()) is not StopIteration:
-            self._digest.update(chunk)
+            if self._hash_error is None:
+                try:
+                    self._digest.update(chunk)
+                except BaseException as exc:
+                    self._hash_error = exc
 
 
 def open_stream(path: Path, planned: dict[str, Planned], metadata: dict[str, str] | None = None) -> FileStream:
