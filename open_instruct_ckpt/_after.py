@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 class AfterPublish:
     def __init__(self, upload: options.Upload | None, hook: options.Hook | None, stalls: options.Stalls) -> None:
         self.upload = upload
-        self.uploader: Uploader | None = None if upload is None else upload.uploader()
+        self.uploader: Uploader | None = None  # made at `open`, on the rank(s) that upload
         self.hooks: HookRunner | None = hook.runner() if hook is not None else None
         self.stalls = stalls.watch()
         self._saver: Saver | None = None
@@ -42,7 +42,7 @@ class AfterPublish:
         rank), then the hook queue (rank 0) and the stall watch (every rank)."""
         node = publisher_index(team) if self.upload is not None and self.upload.per_node else None
         uploads = self.upload is not None and (team.rank == 0 if not self.upload.per_node else node is not None)
-        error = None
+        error, self.uploader = None, None
         if uploads:
             try:
                 assert self.upload is not None

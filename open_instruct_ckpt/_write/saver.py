@@ -19,7 +19,7 @@ from torch import nn
 from .._dist import any_rank, background_group, gather_to_all, is_distributed, raise_on_all_ranks
 from .._errors import explained
 from .._measure.stats import PhaseTimer, SaveStats
-from . import commit, files, progress, snapshot
+from . import commit, files, nodes, progress, snapshot
 from .claim import claim_output_dir
 from .executor import Persist, Target, WriteReport, gather
 from .lock import RunLock
@@ -65,7 +65,7 @@ class Saver:
         self._group, self._publishers = None, [0]
         if async_save and is_distributed():  # background saves gather and combine on their own process group
             self._group = background_group()
-            self._publishers = [rank for rank, publishes in enumerate(gather_to_all(team.publishes)) if publishes]
+            self._publishers = nodes.publishers(team)
         self._done: Saved | None = None  # a sync save's result, until `wait` hands it out
         self._in_flight: _Job | None = None  # the last save started in the background
 
